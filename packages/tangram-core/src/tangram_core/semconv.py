@@ -1,0 +1,74 @@
+"""Every span, attribute and metric name that Tangram emits, in one place.
+
+Why one module: dashboards, alerts and tests match on these strings, so a rename must be a
+one-line change that every emitter picks up. Where the OpenTelemetry GenAI semantic
+conventions define a name (LLM calls, tool execution, token usage) we use theirs verbatim;
+`tests/test_semconv.py` checks them against the installed `opentelemetry-semantic-conventions`.
+Tangram's own concepts (actions, pools, the scheduler, RL steps) live under ``tangram.*``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- OpenTelemetry GenAI semantic conventions (incubating) ------------------------------------
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
+GEN_AI_REQUEST_SEED: Final = "gen_ai.request.seed"
+GEN_AI_REQUEST_CHOICE_COUNT: Final = "gen_ai.request.choice.count"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
+GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
+GEN_AI_TOOL_CALL_ID: Final = "gen_ai.tool.call.id"
+GEN_AI_TOOL_TYPE: Final = "gen_ai.tool.type"
+ERROR_TYPE: Final = "error.type"
+
+# gen_ai.operation.name values
+OP_TEXT_COMPLETION: Final = "text_completion"
+OP_CHAT: Final = "chat"
+OP_EXECUTE_TOOL: Final = "execute_tool"
+OP_INVOKE_AGENT: Final = "invoke_agent"
+
+# gen_ai.provider.name for engines this project drives (not in the well-known list: custom value)
+PROVIDER_VLLM: Final = "vllm"
+
+# GenAI client metrics
+METRIC_GEN_AI_TOKEN_USAGE: Final = "gen_ai.client.token.usage"
+METRIC_GEN_AI_OPERATION_DURATION: Final = "gen_ai.client.operation.duration"
+
+# --- Tangram spans ---------------------------------------------------------------------------
+SPAN_ACTION: Final = "tangram.action"
+SPAN_SCHEDULER_PLAN: Final = "tangram.scheduler.plan"
+SPAN_ROLLOUT: Final = "tangram.rollout"
+SPAN_TRAIN_STEP: Final = "tangram.train.step"
+SPAN_DEMO: Final = "tangram.demo"
+
+# --- Tangram attributes ----------------------------------------------------------------------
+ACTION_ID: Final = "tangram.action.id"
+ACTION_KIND: Final = "tangram.action.kind"
+ACTION_STATUS: Final = "tangram.action.status"
+ACTION_UNITS: Final = "tangram.action.units"
+ACTION_QUEUE_WAIT_S: Final = "tangram.action.queue_wait_s"
+TRAJECTORY_ID: Final = "tangram.trajectory.id"
+STEP_ID: Final = "tangram.step.id"
+POLICY_VERSION: Final = "tangram.policy.version"
+POOL_NAME: Final = "tangram.pool.name"
+REWARD: Final = "tangram.reward"
+
+# --- Tangram metrics -------------------------------------------------------------------------
+METRIC_ACTION_COMPLETION_TIME: Final = "tangram.action.completion_time"
+METRIC_ACTION_QUEUE_WAIT: Final = "tangram.action.queue_wait"
+METRIC_POOL_CAPACITY: Final = "tangram.pool.capacity"
+
+
+def gen_ai_span_name(operation: str, target: str | None) -> str:
+    """The span name the GenAI conventions ask for: ``"{operation} {model or tool}"``."""
+    return f"{operation} {target}" if target else operation

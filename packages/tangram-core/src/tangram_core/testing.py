@@ -1,0 +1,153 @@
+"""Pytest plugin with the fixtures every Tangram package (and downstream project) shares.
+
+Enable it with ``pytest_plugins = ["tangram_core.testing"]`` in a root ``conftest.py``. It is
+opt-in rather than auto-loaded through an entry point, so installing tangram-core never changes
+somebody else's test session.
+
+* ``ray_session``: one real local Ray per test session (Ray takes ~6 s to start, so tests share
+  it), shut down at the end. Integration tests ask for it explicitly.
+* ``no_ray``: makes ``ray.init`` raise, for pure-logic tests that must not reach a cluster
+  (the pattern Ray Serve's own unit tests use).
+* ``span_exporter`` / ``metric_reader``: a real OpenTelemetry SDK pipeline that keeps spans and
+  metrics in memory, so tests assert on what the code really emitted.
+* markers ``gpu`` (skipped cleanly without CUDA) and ``slow``.
+
+Heavy imports (ray, torch) happen inside the fixtures that need them, never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+_RAY_NUM_CPUS = 2
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped cleanly without one")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def cuda_available() -> bool:
+    """True when torch is installed and sees a CUDA device; never raises."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (gpu marker); none is visible")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """A real local Ray for the whole session: ``ray.init(num_cpus=2, include_dashboard=False)``."""
+    import ray
+
+    if ray.is_initialized():  # someone else started it; share, do not own
+        yield ray
+        return
+    ray.init(
+        num_cpus=_RAY_NUM_CPUS,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to start or join Ray fail loudly inside a pure-logic test."""
+    if importlib.util.find_spec("ray") is None:
+        return
+    import ray
+
+    def _refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("this is a pure-logic test: it must not start or join Ray")
+
+    monkeypatch.setattr(ray, "init", _refuse)
+
+
+class _InMemoryTelemetry:
+    """The session's one SDK pipeline; OTel's global providers can be set only once."""
+
+    def __init__(self) -> None:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.spans = InMemorySpanExporter()
+        provider = trace.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):
+            provider = TracerProvider()
+            trace.set_tracer_provider(provider)
+        provider.add_span_processor(SimpleSpanProcessor(self.spans))
+
+        self.metrics = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[self.metrics]))
+
+
+_telemetry: _InMemoryTelemetry | None = None
+
+
+def _session_telemetry() -> _InMemoryTelemetry:
+    global _telemetry
+    if _telemetry is None:
+        _telemetry = _InMemoryTelemetry()
+    return _telemetry
+
+
+@pytest.fixture
+def span_exporter() -> Iterator[Any]:
+    """An ``InMemorySpanExporter`` on the global provider, emptied before each test."""
+    exporter = _session_telemetry().spans
+    exporter.clear()
+    yield exporter
+    exporter.clear()
+
+
+@pytest.fixture
+def metric_reader() -> Any:
+    """An ``InMemoryMetricReader`` on the global meter provider (cumulative, session-wide)."""
+    return _session_telemetry().metrics
+
+
+@pytest.fixture
+def imported_modules() -> Callable[[str], set[str]]:
+    """Import a module in a fresh interpreter and return the top-level modules that came with it.
+
+    Packages that vLLM, Ray workers or a sandbox zygote import on start-up must stay light;
+    this is how a test proves it (``"torch" not in imported_modules("pkg")``).
+    """
+
+    def probe(module: str) -> set[str]:
+        code = (
+            "import importlib, json, sys\n"
+            f"importlib.import_module({module!r})\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise AssertionError(f"import {module} failed:\n{out.stderr[-3000:]}")
+        return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    return probe
