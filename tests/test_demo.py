@@ -12,6 +12,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2 + 3 = 5", 5),
+        ("17 + 33 is indeed 50.", 50),
+        ("40 + 2 = 42\n\nThis is 7 times 6", 42),
+        ("12 + 7 = 9x", 9),
+        ("The answer is -4", -4),
+        ("9 + 19 = An easy way is 28", 28),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
+def test_first_answer(load_tool, text, expected):
+    assert load_tool("demo").first_answer(text) == expected
+
+
+def test_group_advantages_are_normalised(load_tool):
+    demo = load_tool("demo")
+    advs = demo.group_advantages([1.0, 0.0, 0.0, 1.0])
+    assert advs == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
+    assert demo.group_advantages([1.0, 1.0]) == [0.0, 0.0]  # no signal in equal groups
+
+
 @pytest.mark.slow
 def test_demo_runs_and_traces(smollm2_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}

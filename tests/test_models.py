@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_builder(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "models" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tiny_model_shape_fits_vllm_cpu(tiny_model_dir):
@@ -58,8 +48,8 @@ def test_tiny_model_runs_in_transformers(tiny_model_dir):
     assert out.shape[1] == ids.shape[1] + 5 or out[0, -1].item() == tok.eos_token_id
 
 
-def test_tiny_model_build_is_deterministic(tmp_path, tiny_model_dir):
-    _load_builder("tiny_llama").build(tmp_path / "again")
+def test_tiny_model_build_is_deterministic(tmp_path, tiny_model_dir, load_tool):
+    load_tool("models/tiny_llama").build(tmp_path / "again")
 
     def digest(path: Path) -> str:
         return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()

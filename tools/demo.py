@@ -49,14 +49,18 @@ class Question:
 
 
 def first_answer(text: str) -> int | None:
-    """The integer the model gave: after the last '=' of its first line, else its first integer.
+    """The integer the model gave on its first line: the first after the last '=', else the last.
 
-    A deliberately small stand-in for reward-serve's verifiers, which replace it in r1-train.
+    "2 + 3 = 5" gives 5 and "17 + 33 is indeed 50." gives 50. A deliberately small stand-in for
+    reward-serve's verifiers, which replace it in r1-train.
     """
     line = text.strip().splitlines()[0] if text.strip() else ""
-    tail = line.rsplit("=", 1)[-1]
-    match = _INT.search(tail) or _INT.search(line)
-    return int(match.group()) if match else None
+    if "=" in line:
+        after = _INT.search(line.rsplit("=", 1)[1])
+        if after:
+            return int(after.group())
+    numbers = _INT.findall(line)
+    return int(numbers[-1]) if numbers else None
 
 
 def group_advantages(rewards: list[float]) -> list[float]:
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             span.end(end_time=end_ns)
             samples = "\n".join(
-                f"{first_answer(c.text)!s:>5} ({r:.0f}, {a:+.2f})  {c.text.strip()[:40]!r}"
+                f"{first_answer(c.text)!s:>5} ({r:.0f}, {a:+.2f})  {c.text.strip()[:32]!r}"
                 for c, r, a in zip(out.outputs, rewards, advs, strict=True)
             )
             table.add_row(
