@@ -84,3 +84,16 @@ def test_smollm2_converted_from_wheel_is_the_real_model(smollm2_dir):
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "5" in answer, answer
+
+
+@pytest.mark.gpu
+def test_tiny_model_on_cuda_matches_cpu(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        cpu = model(ids).logits
+        gpu = model.to("cuda")(ids.to("cuda")).logits.cpu()
+    torch.testing.assert_close(gpu, cpu, atol=2e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ so emitting a span costs almost nothing and callers never check whether telemetr
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -122,35 +123,41 @@ def select_protocol(env: Mapping[str, str], signal: str) -> str:
     return value
 
 
+# (signal, protocol) -> (module, class); imported only when chosen.
+_OTLP_EXPORTERS = {
+    ("traces", "http/protobuf"): (
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "OTLPSpanExporter",
+    ),
+    ("traces", "grpc"): (
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+        "OTLPSpanExporter",
+    ),
+    ("metrics", "http/protobuf"): (
+        "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+        "OTLPMetricExporter",
+    ),
+    ("metrics", "grpc"): (
+        "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
+        "OTLPMetricExporter",
+    ),
+}
+
+
 def _otlp_exporter(signal: str, protocol: str) -> Any:
     """Build the OTLP exporter; it reads endpoint, headers and timeouts from the environment."""
-    module = "grpc" if protocol == "grpc" else "http"
-    extra = "opentelemetry-exporter-otlp-proto-grpc" if module == "grpc" else "tangram-core[otlp]"
+    module_name, class_name = _OTLP_EXPORTERS[(signal, protocol)]
     try:
-        if signal == "traces":
-            if module == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                    OTLPSpanExporter,
-                )
-            else:
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                    OTLPSpanExporter,
-                )
-            return OTLPSpanExporter()
-        if module == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-                OTLPMetricExporter,
-            )
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter,
-            )
-        return OTLPMetricExporter()
+        module = importlib.import_module(module_name)
     except ImportError as exc:
+        extra = (
+            "opentelemetry-exporter-otlp-proto-grpc" if protocol == "grpc" else "tangram-core[otlp]"
+        )
         raise TelemetryConfigError(
             f"OTLP {signal} export over {protocol} was requested (OTEL_* variables) but its "
             f"exporter is not installed: pip install '{extra}'"
         ) from exc
+    return getattr(module, class_name)()
 
 
 def configure_telemetry(

@@ -151,3 +151,43 @@ def imported_modules() -> Callable[[str], set[str]]:
         return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
     return probe
+
+
+def make_spec(
+    id: str,
+    *,
+    kind: str = "sandbox.exec",
+    demand: dict[str, float] | None = None,
+    est: float = 1.0,
+    min_units: int = 1,
+    max_units: int = 1,
+    parallel_fraction: float = 0.9,
+    priority: int = 0,
+    trajectory_id: str | None = None,
+) -> Any:
+    """Build an ``ActionSpec`` for scheduler tests, through the public ``Action`` model."""
+    from tangram_core.actions import Action
+    from tangram_core.elasticity import Amdahl, Elasticity
+    from tangram_core.scheduler import ActionSpec
+
+    action = Action(
+        id=id,
+        kind=kind,
+        demand=demand or {"cpu": 1.0},
+        estimated_duration_s=est,
+        priority=priority,
+        trajectory_id=trajectory_id,
+        elasticity=Elasticity(
+            min_units=min_units,
+            max_units=max_units,
+            speedup=Amdahl(parallel_fraction=parallel_fraction),
+        ),
+    )
+    return ActionSpec.from_action(action)
+
+
+def make_scheduler(capacity: dict[str, float] | None = None, **config: Any) -> Any:
+    """An ``ElasticScheduler`` with a capacity (default 4 cpu) and config overrides."""
+    from tangram_core.elastic_scheduler import ElasticConfig, ElasticScheduler
+
+    return ElasticScheduler(capacity or {"cpu": 4.0}, config=ElasticConfig(**config))

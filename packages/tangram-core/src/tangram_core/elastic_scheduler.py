@@ -1,0 +1,464 @@
+"""The elastic scheduler: shortest-estimated-work first, work-conserving, elastic, starvation-free.
+
+The algorithm (our reconstruction of ARL-Tangram's, see ``shared/papers/arl-tangram.md``):
+
+1. **Order.** Queued actions are ranked by
+   ``(-priority, T_est(min_units) + aging_rate * submit_time)``.
+   This is SRPT with aging: an action's rank improves by ``aging_rate`` seconds per second it
+   waits. Because ``now`` is common to every queued action, ageing by
+   ``T_est - aging_rate * (now - submit)`` orders exactly like the static key above, so the
+   queue is a plain heap and never needs re-sorting.
+2. **Admission.** Actions with the same demand shape (per-unit demand and minimum units) share a
+   heap; if the head of a shape does not fit, none of that shape fits. A heap of shape heads
+   walks the queue in rank order and starts each head at its minimum units while every resource
+   type it needs fits, and it skips (backfills past) shapes that do not fit. So one
+   decision costs O(log Q + log G) for Q queued actions and G shapes, not O(Q).
+3. **Bounded wait.** An action that has waited longer than ``max_wait_s`` goes first, and if it
+   does not fit, its resource types are closed to backfilling for that round: it takes the
+   next units that free up. No action waits forever behind a stream of smaller ones.
+4. **Reclaim.** Units that an elastic action holds above its minimum are borrowed. A queued
+   action that does not fit takes them back: the running actions with the smallest marginal loss
+   ``R*(f(u-1) - f(u))`` shrink first, and only when that frees enough.
+5. **Expansion.** Units that no queued action can use go to elastic actions by largest marginal
+   gain ``R*(f(u) - f(u+1))`` (R: estimated remaining single-unit work), greedily from a heap,
+   until the gain falls below ``min_gain_s``.
+
+Complexity per ``schedule`` call: O((S + G) log(Q + G) + E log E), with S starts, E elastic
+actions considered for expansion (only when capacity is free) and G shapes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tangram_core.estimator import DurationEstimator
+from tangram_core.scheduler import (
+    EMPTY_PLAN,
+    ActionSpec,
+    CapacityError,
+    Plan,
+    Resize,
+    Scheduler,
+    SchedulerStats,
+    Start,
+)
+
+_EPS = 1e-9
+Shape = tuple[tuple[tuple[str, float], ...], int]
+
+
+class ElasticConfig(BaseModel):
+    """Tuning of :class:`ElasticScheduler`; every field has a safe default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    aging_rate: float = Field(
+        0.05,
+        ge=0.0,
+        description="Seconds of rank an action gains per second it waits (0 = pure SRPT).",
+    )
+    max_wait_s: float = Field(
+        300.0, gt=0, description="Past this wait an action goes first and blocks backfilling."
+    )
+    expand: bool = Field(True, description="Give spare units to elastic actions.")
+    resize_running: bool = Field(
+        True,
+        description="Grow and shrink actions that are already running; the manager must support "
+        "it. When off, units are chosen at start only.",
+    )
+    min_gain_s: float = Field(
+        1e-3, ge=0.0, description="Smallest expected saving (s) worth one more unit."
+    )
+
+
+@dataclass(slots=True, eq=False)
+class _Queued:
+    spec: ActionSpec
+    submit_time: float
+    key: tuple[int, float, int]
+    est_t1: float
+    alive: bool = True
+
+    def __lt__(self, other: _Queued) -> bool:
+        return self.key < other.key
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    spec: ActionSpec
+    submit_time: float
+    key: tuple[int, float, int]
+    est_t1: float
+    units: int
+    seg_start: float
+    t1_done: float = 0.0
+
+    def remaining_t1(self, now: float) -> float:
+        done = self.t1_done + (now - self.seg_start) / self.spec.factor(self.units)
+        return max(self.est_t1 - done, 0.05 * self.est_t1)
+
+    def resize(self, units: int, now: float) -> None:
+        self.t1_done += (now - self.seg_start) / self.spec.factor(self.units)
+        self.seg_start = now
+        self.units = units
+
+
+class ElasticScheduler(Scheduler):
+    """ARL-Tangram's action-level elastic scheduler. Pure: no clock, no I/O, deterministic."""
+
+    def __init__(
+        self,
+        capacity: Mapping[str, float],
+        *,
+        config: ElasticConfig | None = None,
+        estimator: DurationEstimator | None = None,
+        limits: Mapping[str, float] | None = None,
+    ) -> None:
+        self.config = config or ElasticConfig()
+        self.estimator = estimator or DurationEstimator()
+        self.stats = SchedulerStats()
+        self._cap: dict[str, float] = {}
+        self._limits: dict[str, float] = {}
+        self._used: dict[str, float] = {}
+        self._shapes: dict[Shape, list[_Queued]] = {}
+        self._by_submit: list[tuple[float, int, _Queued]] = []
+        self._queued: dict[str, _Queued] = {}
+        self._running: dict[str, _Running] = {}
+        # Runs holding units above their minimum: the only ones reclaim can shrink.
+        self._borrowers: dict[str, _Running] = {}
+        # Lazy max-heap of (-gain, seq, id, units) for runs that could grow. A stored gain is an
+        # upper bound of the current one (remaining work only falls while units stay fixed), so a
+        # popped entry is re-evaluated and pushed back if another entry may now beat it.
+        self._growable: list[tuple[float, int, str, int]] = []
+        self._seq = itertools.count()
+        self._dirty = True
+        self.set_capacity(capacity, limits)
+
+    # -- state changes ---------------------------------------------------------------------------
+
+    def set_capacity(
+        self, capacity: Mapping[str, float], limits: Mapping[str, float] | None = None
+    ) -> None:
+        bad = {r: v for r, v in capacity.items() if v < 0}
+        if bad:
+            raise ValueError(f"capacity must be >= 0 for every resource type; got {bad}")
+        self._cap = dict(capacity)
+        self._limits = dict(limits) if limits is not None else dict(capacity)
+        for r in self._cap:
+            self._used.setdefault(r, 0.0)
+        self._dirty = True
+
+    def submit(self, spec: ActionSpec, now: float) -> None:
+        if spec.id in self._queued or spec.id in self._running:
+            raise ValueError(f"action {spec.id!r} was submitted twice")
+        for resource, per_unit in spec.demand:
+            need = per_unit * spec.min_units
+            limit = self._limits.get(resource)
+            if limit is None:
+                raise CapacityError(
+                    f"action {spec.id!r} ({spec.kind}) needs resource {resource!r}, which no "
+                    f"pool provides; known resources: {sorted(self._limits)}"
+                )
+            if need > limit + _EPS:
+                raise CapacityError(
+                    f"action {spec.id!r} ({spec.kind}) needs {need:g} {resource} at its minimum "
+                    f"of {spec.min_units} unit(s), more than the pool can ever hold ({limit:g}); "
+                    f"lower min_units or the per-unit demand, or raise the pool's limit"
+                )
+        est = spec.estimated_t1 or self.estimator.estimate(spec.kind, spec.size)
+        self._enqueue(spec, now, est)
+        self.stats.submitted += 1
+
+    def _enqueue(self, spec: ActionSpec, submit_time: float, est_t1: float) -> None:
+        rank = est_t1 * spec.factor(spec.min_units) + self.config.aging_rate * submit_time
+        seq = next(self._seq)
+        item = _Queued(spec, submit_time, (-spec.priority, rank, seq), est_t1)
+        self._queued[spec.id] = item
+        heapq.heappush(self._shapes.setdefault((spec.demand, spec.min_units), []), item)
+        heapq.heappush(self._by_submit, (submit_time, seq, item))
+        self._dirty = True
+
+    def complete(self, action_id: str, now: float, *, succeeded: bool = True) -> None:
+        run = self._running.pop(action_id, None)
+        if run is None:
+            raise KeyError(f"complete({action_id!r}): no such running action")
+        self._borrowers.pop(action_id, None)
+        self._release(run.spec, run.units)
+        if succeeded:
+            run.resize(run.units, now)  # folds the last segment into t1_done
+            self.estimator.observe(run.spec.kind, run.spec.size, run.t1_done)
+        self.stats.completed += 1
+        self._dirty = True
+
+    def requeue(self, action_id: str, now: float) -> None:
+        run = self._running.pop(action_id, None)
+        if run is None:
+            raise KeyError(f"requeue({action_id!r}): no such running action")
+        self._borrowers.pop(action_id, None)
+        self._release(run.spec, run.units)
+        self._enqueue(run.spec, run.submit_time, run.est_t1)
+
+    def cancel(self, action_id: str) -> bool:
+        item = self._queued.pop(action_id, None)
+        if item is None:
+            return False
+        item.alive = False
+        self.stats.cancelled += 1
+        self._dirty = True
+        return True
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def usage(self) -> dict[str, float]:
+        return dict(self._used)
+
+    def capacity(self) -> dict[str, float]:
+        return dict(self._cap)
+
+    def running_units(self, action_id: str) -> int | None:
+        run = self._running.get(action_id)
+        return None if run is None else run.units
+
+    def queued_demand(self) -> dict[str, float]:
+        """Minimum demand of everything queued, per resource type (for autoscaling)."""
+        total: dict[str, float] = {}
+        for item in self._queued.values():
+            for r, d in item.spec.demand:
+                total[r] = total.get(r, 0.0) + d * item.spec.min_units
+        return total
+
+    # -- the decision ----------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> Plan:
+        self.stats.schedule_calls += 1
+        if not self._dirty or (not self._queued and not self._has_free()):
+            self._dirty = False
+            return EMPTY_PLAN
+        self._dirty = False
+        starts: dict[str, int] = {}
+        resizes: dict[str, int] = {}
+        closed: set[str] = set()  # resource types reserved for a starving action this round
+        blocked: set[str] = set()  # resource types some queued action could not get
+        self._admit_starving(now, starts, resizes, closed, blocked)
+        self._admit_in_rank_order(now, starts, resizes, closed, blocked)
+        if self.config.expand:
+            self._expand(now, starts, resizes, blocked | closed)
+        if not starts and not resizes:
+            return EMPTY_PLAN
+        self.stats.started += len(starts)
+        self.stats.resizes += len(resizes)
+        return Plan(
+            starts=tuple(Start(a, u) for a, u in starts.items()),
+            resizes=tuple(Resize(a, u) for a, u in resizes.items()),
+        )
+
+    def _has_free(self) -> bool:
+        return any(self._cap[r] - self._used.get(r, 0.0) > _EPS for r in self._cap)
+
+    def _fits(self, demand: tuple[tuple[str, float], ...], units: int) -> bool:
+        cap, used = self._cap, self._used
+        return all(used.get(r, 0.0) + d * units <= cap.get(r, 0.0) + _EPS for r, d in demand)
+
+    def _take(self, spec: ActionSpec, units: int) -> None:
+        for r, d in spec.demand:
+            self._used[r] = self._used.get(r, 0.0) + d * units
+
+    def _release(self, spec: ActionSpec, units: int) -> None:
+        for r, d in spec.demand:
+            self._used[r] = max(self._used.get(r, 0.0) - d * units, 0.0)
+
+    def _start(self, item: _Queued, now: float, starts: dict[str, int]) -> None:
+        spec = item.spec
+        del self._queued[spec.id]
+        item.alive = False
+        self._take(spec, spec.min_units)
+        run = _Running(spec, item.submit_time, item.key, item.est_t1, spec.min_units, now)
+        self._running[spec.id] = run
+        starts[spec.id] = spec.min_units
+        self._push_growable(run, now)
+        kinds = self.stats.by_kind_started
+        kinds[spec.kind] = kinds.get(spec.kind, 0) + 1
+
+    def _try_start(
+        self, item: _Queued, now: float, starts: dict[str, int], resizes: dict[str, int]
+    ) -> bool:
+        spec = item.spec
+        if self._fits(spec.demand, spec.min_units) or self._reclaim(spec, now, starts, resizes):
+            self._start(item, now, starts)
+            return True
+        return False
+
+    def _admit_starving(
+        self,
+        now: float,
+        starts: dict[str, int],
+        resizes: dict[str, int],
+        closed: set[str],
+        blocked: set[str],
+    ) -> None:
+        horizon = now - self.config.max_wait_s
+        heap = self._by_submit
+        kept: list[tuple[float, int, _Queued]] = []
+        while heap and heap[0][0] <= horizon:
+            entry = heapq.heappop(heap)
+            item = entry[2]
+            if not item.alive:
+                continue
+            needs = {r for r, _ in item.spec.demand}
+            if needs & closed or not self._try_start(item, now, starts, resizes):
+                closed |= needs
+                blocked |= needs
+                kept.append(entry)
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        while heap and not heap[0][2].alive:
+            heapq.heappop(heap)
+
+    def _admit_in_rank_order(
+        self,
+        now: float,
+        starts: dict[str, int],
+        resizes: dict[str, int],
+        closed: set[str],
+        blocked: set[str],
+    ) -> None:
+        heads: list[tuple[tuple[int, float, int], Shape]] = []
+        for shape, heap in self._shapes.items():
+            while heap and not heap[0].alive:
+                heapq.heappop(heap)
+            if heap:
+                heads.append((heap[0].key, shape))
+        heapq.heapify(heads)
+        while heads:
+            _, shape = heapq.heappop(heads)
+            heap = self._shapes[shape]
+            item = heap[0]
+            needs = {r for r, _ in shape[0]}
+            if needs & closed or not self._try_start(item, now, starts, resizes):
+                blocked |= needs
+                continue  # the whole shape waits for this round
+            heapq.heappop(heap)
+            while heap and not heap[0].alive:
+                heapq.heappop(heap)
+            if heap:
+                heapq.heappush(heads, (heap[0].key, shape))
+            else:
+                del self._shapes[shape]
+
+    def _reclaim(
+        self, spec: ActionSpec, now: float, starts: dict[str, int], resizes: dict[str, int]
+    ) -> bool:
+        """Shrink borrowed units (above their minimum) so that ``spec`` fits; all or nothing."""
+        deficit = {
+            r: self._used.get(r, 0.0) + d * spec.min_units - self._cap.get(r, 0.0)
+            for r, d in spec.demand
+        }
+        deficit = {r: v for r, v in deficit.items() if v > _EPS}
+        if not deficit:
+            return True
+        lenders: list[tuple[float, int, str]] = []
+        spare: dict[str, float] = dict.fromkeys(deficit, 0.0)
+        for run_id, run in self._borrowers.items():
+            extra = run.units - run.spec.min_units
+            if run_id not in starts and not self.config.resize_running:
+                continue
+            demand = dict(run.spec.demand)
+            if not any(r in demand for r in deficit):
+                continue
+            for r in deficit:
+                spare[r] += demand.get(r, 0.0) * extra
+            lenders.append((self._loss(run, now), next(self._seq), run_id))
+        if any(spare[r] + _EPS < deficit[r] for r in deficit):
+            return False
+        heapq.heapify(lenders)
+        while any(v > _EPS for v in deficit.values()):
+            _, _, run_id = heapq.heappop(lenders)
+            run = self._running[run_id]
+            self._release(run.spec, 1)
+            self._set_units(run, run.units - 1, now, starts, resizes)
+            demand = dict(run.spec.demand)
+            for r in deficit:
+                deficit[r] -= demand.get(r, 0.0)
+            if run.units > run.spec.min_units:
+                heapq.heappush(lenders, (self._loss(run, now), next(self._seq), run_id))
+        return True
+
+    @staticmethod
+    def _loss(run: _Running, now: float) -> float:
+        u = run.units
+        return run.remaining_t1(now) * (run.spec.factor(u - 1) - run.spec.factor(u))
+
+    def _set_units(
+        self,
+        run: _Running,
+        units: int,
+        now: float,
+        starts: dict[str, int],
+        resizes: dict[str, int],
+    ) -> None:
+        run.resize(units, now)
+        if run.spec.id in starts:
+            starts[run.spec.id] = units
+        else:
+            resizes[run.spec.id] = units
+        if units > run.spec.min_units:
+            self._borrowers[run.spec.id] = run
+        else:
+            self._borrowers.pop(run.spec.id, None)
+        self._push_growable(run, now)
+
+    def _gain(self, run: _Running, now: float) -> float:
+        u = run.units
+        return run.remaining_t1(now) * (run.spec.factor(u) - run.spec.factor(u + 1))
+
+    def _push_growable(self, run: _Running, now: float) -> None:
+        if run.units < run.spec.max_units:
+            gain = self._gain(run, now)
+            if gain >= self.config.min_gain_s:
+                heapq.heappush(self._growable, (-gain, next(self._seq), run.spec.id, run.units))
+
+    def _expand(
+        self,
+        now: float,
+        starts: dict[str, int],
+        resizes: dict[str, int],
+        blocked: set[str],
+    ) -> None:
+        heap = self._growable
+        grow_running = self.config.resize_running
+        set_aside: list[tuple[float, int, str, int]] = []
+        while heap and self._has_free():
+            entry = heapq.heappop(heap)
+            _, _, run_id, units = entry
+            run = self._running.get(run_id)
+            if run is None or run.units != units:
+                continue  # stale: finished or resized since it was pushed
+            spec = run.spec
+            if not grow_running and run_id not in starts:
+                continue  # started in an earlier round; its units are fixed now
+            if any(r in blocked for r, _ in spec.demand) or not self._fits(spec.demand, 1):
+                set_aside.append(entry)
+                continue
+            gain = self._gain(run, now)
+            if gain < self.config.min_gain_s or math.isnan(gain):
+                continue  # gains only fall with time at fixed units: drop for good
+            if heap and gain < -heap[0][0]:
+                heapq.heappush(heap, (-gain, next(self._seq), run_id, units))
+                continue  # another entry may be worth more now
+            self._take(spec, 1)
+            self._set_units(run, run.units + 1, now, starts, resizes)  # re-pushes if growable
+        for entry in set_aside:
+            heapq.heappush(heap, entry)
