@@ -97,15 +97,17 @@ class _Running:
     units: int
     seg_start: float
     t1_done: float = 0.0
+    fu: float = 1.0  # T(units)/T(1), cached: this is on the simulator's hot path
 
     def remaining_t1(self, now: float) -> float:
-        done = self.t1_done + (now - self.seg_start) / self.spec.factor(self.units)
+        done = self.t1_done + (now - self.seg_start) / self.fu
         return max(self.est_t1 - done, 0.05 * self.est_t1)
 
     def resize(self, units: int, now: float) -> None:
-        self.t1_done += (now - self.seg_start) / self.spec.factor(self.units)
+        self.t1_done += (now - self.seg_start) / self.fu
         self.seg_start = now
         self.units = units
+        self.fu = self.spec.factors[units - self.spec.min_units]
 
 
 class ElasticScheduler(Scheduler):
@@ -131,10 +133,11 @@ class ElasticScheduler(Scheduler):
         self._running: dict[str, _Running] = {}
         # Runs holding units above their minimum: the only ones reclaim can shrink.
         self._borrowers: dict[str, _Running] = {}
-        # Lazy max-heap of (-gain, seq, id, units) for runs that could grow. A stored gain is an
-        # upper bound of the current one (remaining work only falls while units stay fixed), so a
-        # popped entry is re-evaluated and pushed back if another entry may now beat it.
-        self._growable: list[tuple[float, int, str, int]] = []
+        # Per demand shape, a lazy max-heap of (-gain, seq, id, units) for runs that could grow.
+        # A stored gain is an upper bound of the current one (remaining work only falls while
+        # units stay fixed), so a popped entry is re-evaluated and pushed back if another may now
+        # beat it. One heap per shape lets a shape whose resources are exhausted be skipped whole.
+        self._growable: dict[tuple[tuple[str, float], ...], list[tuple[float, int, str, int]]] = {}
         self._seq = itertools.count()
         self._dirty = True
         self.set_capacity(capacity, limits)
@@ -285,7 +288,9 @@ class ElasticScheduler(Scheduler):
         del self._queued[spec.id]
         item.alive = False
         self._take(spec, spec.min_units)
-        run = _Running(spec, item.submit_time, item.key, item.est_t1, spec.min_units, now)
+        run = _Running(
+            spec, item.submit_time, item.key, item.est_t1, spec.min_units, now, fu=spec.factors[0]
+        )
         self._running[spec.id] = run
         starts[spec.id] = spec.min_units
         self._push_growable(run, now)
@@ -398,8 +403,8 @@ class ElasticScheduler(Scheduler):
 
     @staticmethod
     def _loss(run: _Running, now: float) -> float:
-        u = run.units
-        return run.remaining_t1(now) * (run.spec.factor(u - 1) - run.spec.factor(u))
+        i = run.units - run.spec.min_units  # >= 1: only borrowers are asked
+        return run.remaining_t1(now) * (run.spec.factors[i - 1] - run.fu)
 
     def _set_units(
         self,
@@ -408,6 +413,8 @@ class ElasticScheduler(Scheduler):
         now: float,
         starts: dict[str, int],
         resizes: dict[str, int],
+        *,
+        push: bool = True,
     ) -> None:
         run.resize(units, now)
         if run.spec.id in starts:
@@ -418,17 +425,21 @@ class ElasticScheduler(Scheduler):
             self._borrowers[run.spec.id] = run
         else:
             self._borrowers.pop(run.spec.id, None)
-        self._push_growable(run, now)
+        if push:
+            self._push_growable(run, now)
 
-    def _gain(self, run: _Running, now: float) -> float:
-        u = run.units
-        return run.remaining_t1(now) * (run.spec.factor(u) - run.spec.factor(u + 1))
+    @staticmethod
+    def _gain(run: _Running, now: float) -> float:
+        """Expected seconds saved by one more unit; callers ensure units < max_units."""
+        i = run.units - run.spec.min_units
+        return run.remaining_t1(now) * (run.fu - run.spec.factors[i + 1])
 
     def _push_growable(self, run: _Running, now: float) -> None:
         if run.units < run.spec.max_units:
             gain = self._gain(run, now)
             if gain >= self.config.min_gain_s:
-                heapq.heappush(self._growable, (-gain, next(self._seq), run.spec.id, run.units))
+                heap = self._growable.setdefault(run.spec.demand, [])
+                heapq.heappush(heap, (-gain, next(self._seq), run.spec.id, run.units))
 
     def _expand(
         self,
@@ -437,28 +448,44 @@ class ElasticScheduler(Scheduler):
         resizes: dict[str, int],
         blocked: set[str],
     ) -> None:
-        heap = self._growable
         grow_running = self.config.resize_running
-        set_aside: list[tuple[float, int, str, int]] = []
-        while heap and self._has_free():
+        min_gain = self.config.min_gain_s
+        heads: list[tuple[float, int, tuple[tuple[str, float], ...]]] = []
+        for demand, heap in self._growable.items():
+            if heap and self._fits(demand, 1) and not any(r in blocked for r, _ in demand):
+                heads.append((heap[0][0], next(self._seq), demand))
+        heapq.heapify(heads)
+        while heads:
+            _, _, demand = heapq.heappop(heads)
+            heap = self._growable[demand]
+            if not heap or not self._fits(demand, 1):
+                continue  # this shape's resources are used up
             entry = heapq.heappop(heap)
-            _, _, run_id, units = entry
-            run = self._running.get(run_id)
-            if run is None or run.units != units:
-                continue  # stale: finished or resized since it was pushed
-            spec = run.spec
-            if not grow_running and run_id not in starts:
-                continue  # started in an earlier round; its units are fixed now
-            if any(r in blocked for r, _ in spec.demand) or not self._fits(spec.demand, 1):
-                set_aside.append(entry)
-                continue
-            gain = self._gain(run, now)
-            if gain < self.config.min_gain_s or math.isnan(gain):
-                continue  # gains only fall with time at fixed units: drop for good
-            if heap and gain < -heap[0][0]:
-                heapq.heappush(heap, (-gain, next(self._seq), run_id, units))
-                continue  # another entry may be worth more now
-            self._take(spec, 1)
-            self._set_units(run, run.units + 1, now, starts, resizes)  # re-pushes if growable
-        for entry in set_aside:
-            heapq.heappush(heap, entry)
+            run = self._running.get(entry[2])
+            if run is not None and run.units == entry[3]:
+                if not grow_running and entry[2] not in starts:
+                    pass  # started in an earlier round; its units are fixed: drop the entry
+                else:
+                    gain = self._gain(run, now)
+                    best_other = -heads[0][0] if heads else 0.0
+                    if gain < min_gain or math.isnan(gain):
+                        pass  # gains only fall with time at fixed units: drop for good
+                    elif (heap and gain < -heap[0][0]) or gain < best_other:
+                        heapq.heappush(heap, (-gain, next(self._seq), entry[2], entry[3]))
+                    else:
+                        # Marginal gains fall with units, so keep adding to this action while
+                        # its next unit still beats every other candidate: one heap push total.
+                        bar = max(best_other, -heap[0][0] if heap else 0.0, min_gain)
+                        spec, units = run.spec, run.units
+                        rem = run.remaining_t1(now)  # fixed within this instant
+                        while True:
+                            self._take(spec, 1)
+                            units += 1
+                            if units >= spec.max_units or not self._fits(spec.demand, 1):
+                                break
+                            i = units - spec.min_units
+                            if rem * (spec.factors[i] - spec.factors[i + 1]) < bar:
+                                break
+                        self._set_units(run, units, now, starts, resizes)
+            if heap:
+                heapq.heappush(heads, (heap[0][0], next(self._seq), demand))

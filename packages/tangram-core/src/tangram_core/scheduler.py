@@ -113,8 +113,13 @@ class Scheduler(abc.ABC):
     """Decides what starts now, and on how many units; implementations are pure, deterministic."""
 
     @abc.abstractmethod
-    def set_capacity(self, capacity: Mapping[str, float]) -> None:
-        """Called by the driver whenever a pool grows or shrinks (autoscaling, a lost node)."""
+    def set_capacity(
+        self, capacity: Mapping[str, float], limits: Mapping[str, float] | None = None
+    ) -> None:
+        """Called by the driver whenever a pool grows or shrinks (autoscaling, a lost node).
+
+        ``limits`` is what the pools could scale to; an action bigger than that is refused at
+        submission. It defaults to ``capacity``."""
 
     @abc.abstractmethod
     def submit(self, spec: ActionSpec, now: float) -> None:
@@ -138,6 +143,11 @@ class Scheduler(abc.ABC):
     def requeue(self, action_id: str, now: float) -> None:
         """Put a started action back in the queue (its worker died): frees its units, keeps its
         original submission time so it does not lose its place to aging."""
+
+    def trajectory_done(self, trajectory_id: str, now: float) -> None:  # noqa: B027
+        """Called when a trajectory ends. Action-level schedulers hold nothing per trajectory and
+        ignore it; trajectory-bound provisioning (the static baseline) frees the trajectory's
+        sandbox here."""
 
     @property
     @abc.abstractmethod

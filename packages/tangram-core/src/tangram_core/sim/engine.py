@@ -1,0 +1,246 @@
+"""A discrete-event simulator that drives the real scheduler objects on a virtual clock.
+
+Why: the claims we must reproduce (ACT, RL step time, resources at equal ACT) are about clusters
+of thousands of cores, which no test machine has. The simulator runs the *same* scheduler
+object the runtime uses, since schedulers are pure and take ``now``. Only the workers are virtual:
+an action's run time is its true single-unit duration times the speed-up factor of the units
+the scheduler gave it, re-timed whenever it is resized.
+
+Two workload shapes:
+
+* **closed-loop RL steps**: each trajectory alternates LLM generation and actions; an action
+  arrives only when the generation before it ends, and the next turn waits for it. A step ends
+  when its last trajectory ends (synchronous GRPO), and the next step then starts.
+* **open-loop traces**: actions arrive at fixed times (recorded JSONL traces).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tangram_core.scheduler import ActionSpec, Scheduler
+
+_ARRIVE = 0  # an open-loop action arrives
+_TURN = 1  # a trajectory finished generating: issue its turn's actions (or finish)
+_FINISH = 2  # an action finished (if its version is still current)
+
+
+@dataclass(frozen=True, slots=True)
+class SimAction:
+    """An action plus what the simulator knows and the scheduler does not: its true T(1)."""
+
+    spec: ActionSpec
+    true_t1: float
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """LLM generation for ``gen_s`` seconds, then ``actions`` issued together and awaited."""
+
+    gen_s: float
+    actions: tuple[SimAction, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrajectoryPlan:
+    id: str
+    turns: tuple[Turn, ...]
+
+
+@dataclass(slots=True)
+class SimResult:
+    """Per-action timings (parallel lists) and per-step durations of one run."""
+
+    name: str
+    kinds: list[str] = field(default_factory=list)
+    submit: list[float] = field(default_factory=list)
+    start: list[float] = field(default_factory=list)
+    end: list[float] = field(default_factory=list)
+    step_durations: list[float] = field(default_factory=list)
+    makespan: float = 0.0
+    capacity: dict[str, float] = field(default_factory=dict)
+    busy_unit_seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    schedule_calls: int = 0
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.end)
+
+    def acts(self, kind_prefix: str = "") -> list[float]:
+        return [
+            e - s
+            for k, s, e in zip(self.kinds, self.submit, self.end, strict=True)
+            if k.startswith(kind_prefix)
+        ]
+
+    def resource_seconds(self) -> dict[str, float]:
+        """What was provisioned: capacity held for the whole run (the cost that static pays)."""
+        return {r: c * self.makespan for r, c in self.capacity.items()}
+
+    def utilisation(self) -> dict[str, float]:
+        prov = self.resource_seconds()
+        return {r: self.busy_unit_seconds.get(r, 0.0) / v for r, v in prov.items() if v > 0}
+
+
+class Simulator:
+    """Runs workloads against one scheduler; deterministic for a given scheduler and workload."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        name: str = "sim",
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.name = name
+        self._on_progress = on_progress
+
+    def run_steps(self, steps: Sequence[Sequence[TrajectoryPlan]]) -> SimResult:
+        """Synchronous RL: the trajectories of step k+1 start when all of step k are done."""
+        return self._run(steps=steps, trace=())
+
+    def run_trace(self, trace: Sequence[tuple[float, SimAction]]) -> SimResult:
+        """Open loop: each ``(arrival_time, action)`` arrives at its time, whatever happens."""
+        return self._run(steps=(), trace=trace)
+
+    def _run(
+        self,
+        steps: Sequence[Sequence[TrajectoryPlan]],
+        trace: Sequence[tuple[float, SimAction]],
+    ) -> SimResult:
+        t_wall = time.perf_counter()
+        sched = self.scheduler
+        res = SimResult(name=self.name, capacity=sched.capacity())
+        heap: list[tuple[float, int, int, object, int]] = []
+        seq = 0
+        for t, action in trace:
+            heap.append((t, seq, _ARRIVE, action, 0))
+            seq += 1
+        heapq.heapify(heap)
+
+        # action id -> [sim action, units, seg_start, remaining true T(1), version, index]
+        running: dict[str, list] = {}
+        owner: dict[str, int] = {}  # action id -> trajectory slot
+        waiting: dict[str, tuple[SimAction, int]] = {}  # submitted, not started: (action, index)
+        busy = dict.fromkeys(res.capacity, 0.0)
+        traj_turn: list[int] = []
+        traj_pending: list[int] = []
+        traj_plan: list[TrajectoryPlan] = []
+        step_idx, step_start, live = -1, 0.0, 0
+        now = 0.0
+
+        def start_step(t: float) -> None:
+            nonlocal step_idx, step_start, live, seq
+            step_idx += 1
+            step_start = t
+            traj_plan.clear()
+            traj_turn.clear()
+            traj_pending.clear()
+            for slot, plan in enumerate(steps[step_idx]):
+                traj_plan.append(plan)
+                traj_turn.append(0)
+                traj_pending.append(0)
+                first = plan.turns[0].gen_s if plan.turns else 0.0
+                heapq.heappush(heap, (t + first, seq, _TURN, slot, 0))
+                seq += 1
+            live = len(steps[step_idx])
+
+        def submit(action: SimAction, t: float) -> None:
+            index = len(res.end)
+            res.kinds.append(action.spec.kind)
+            res.submit.append(t)
+            res.start.append(t)
+            res.end.append(t)
+            waiting[action.spec.id] = (action, index)
+            sched.submit(action.spec, t)
+
+        if steps:
+            start_step(0.0)
+        done = 0
+        while heap:
+            now = heap[0][0]
+            while heap and heap[0][0] == now:
+                _, _, kind, a, version = heapq.heappop(heap)
+                if kind == _FINISH:
+                    run = running.get(a)  # type: ignore[arg-type]
+                    if run is None or run[4] != version:
+                        continue  # re-timed by a resize; a newer event exists
+                    del running[a]  # type: ignore[arg-type]
+                    sim_action, units = run[0], run[1]
+                    for r, d in sim_action.spec.demand:
+                        busy[r] = busy.get(r, 0.0) + d * units * (now - run[2])
+                    res.end[run[5]] = now
+                    sched.complete(a, now)  # type: ignore[arg-type]
+                    done += 1
+                    if self._on_progress is not None and done % 10_000 == 0:
+                        self._on_progress(done)
+                    slot = owner.pop(a, -1)  # type: ignore[call-overload]
+                    if slot >= 0:
+                        traj_pending[slot] -= 1
+                        if traj_pending[slot] == 0:
+                            traj_turn[slot] += 1
+                            turns = traj_plan[slot].turns
+                            nxt = (
+                                turns[traj_turn[slot]].gen_s if traj_turn[slot] < len(turns) else 0
+                            )
+                            heapq.heappush(heap, (now + nxt, seq, _TURN, slot, 0))
+                            seq += 1
+                elif kind == _TURN:
+                    slot = a  # type: ignore[assignment]
+                    turns = traj_plan[slot].turns
+                    k = traj_turn[slot]
+                    if k >= len(turns):
+                        sched.trajectory_done(traj_plan[slot].id, now)
+                        live -= 1
+                        if live == 0:
+                            res.step_durations.append(now - step_start)
+                            if step_idx + 1 < len(steps):
+                                start_step(now)
+                        continue
+                    actions = turns[k].actions
+                    if not actions:
+                        traj_turn[slot] += 1
+                        nxt = turns[k + 1].gen_s if k + 1 < len(turns) else 0.0
+                        heapq.heappush(heap, (now + nxt, seq, _TURN, slot, 0))
+                        seq += 1
+                        continue
+                    traj_pending[slot] = len(actions)
+                    for action in actions:
+                        owner[action.spec.id] = slot
+                        submit(action, now)
+                else:
+                    submit(a, now)  # type: ignore[arg-type]
+            plan = sched.schedule(now)
+            for st in plan.starts:
+                action, index = waiting.pop(st.action_id)
+                res.start[index] = now
+                running[st.action_id] = [action, st.units, now, action.true_t1, 0, index]
+                end = now + action.true_t1 * action.spec.factor(st.units)
+                heapq.heappush(heap, (end, seq, _FINISH, st.action_id, 0))
+                seq += 1
+            for rz in plan.resizes:
+                run = running[rz.action_id]
+                action, old = run[0], run[1]
+                for r, d in action.spec.demand:
+                    busy[r] = busy.get(r, 0.0) + d * old * (now - run[2])
+                run[3] = max(run[3] - (now - run[2]) / action.spec.factor(old), 0.0)
+                run[1], run[2] = rz.units, now
+                run[4] += 1
+                end = now + run[3] * action.spec.factor(rz.units)
+                heapq.heappush(heap, (end, seq, _FINISH, rz.action_id, run[4]))
+                seq += 1
+        if waiting or running:
+            raise RuntimeError(
+                f"simulation ended with {len(waiting)} actions never started and "
+                f"{len(running)} never finished: the scheduler lost them"
+            )
+        res.makespan = now
+        res.busy_unit_seconds = busy
+        res.wall_seconds = time.perf_counter() - t_wall
+        res.schedule_calls = getattr(getattr(sched, "stats", None), "schedule_calls", 0)
+        return res

@@ -1,0 +1,230 @@
+"""Synthetic agentic-RL workloads for the simulator, and recorded traces (JSONL).
+
+Calibration (``shared/papers/arl-tangram.md``, "Evaluation to reproduce"); every number is a
+field of :class:`CodeAgentWorkload`:
+
+* **Code-agent RL.** A trajectory takes 2-6 tool turns. Before each turn the policy generates
+  for a lognormal time (median 6 s). Each tool call runs code with a heavy-tailed duration:
+  "most under 1 s, a tail of tens of seconds". That is a lognormal with a 0.4 s median
+  (sigma 1.2), plus a Pareto tail (alpha 1.5, from 10 s, capped at 120 s) for 4% of calls.
+  Half the calls run a batch of tests, which parallelises across cores (Amdahl, 90% parallel,
+  up to 8 cores); the others are single-core executions.
+* **Reward bursts.** Every trajectory ends with a reward-model call (GPU), so the calls of a
+  step arrive in a burst as rollouts finish. There are four reward models (tasks), and a
+  trajectory's task picks its model. A call takes about 1.5 s on one GPU replica and can
+  split across up to 4 replicas (Amdahl, 85% parallel).
+
+All draws come from one seeded ``random.Random``, so a workload is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tangram_core.elasticity import Amdahl
+from tangram_core.scheduler import ActionSpec
+from tangram_core.sim.engine import SimAction, TrajectoryPlan, Turn
+
+REWARD_MODELS = ("reward.rm.math", "reward.rm.code", "reward.judge", "reward.rm.safety")
+
+
+class CodeAgentWorkload(BaseModel):
+    """Parameters of the code-agent + reward-burst workload (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    trajectories_per_step: int = Field(64, ge=1)
+    steps: int = Field(4, ge=1)
+    min_turns: int = Field(2, ge=1)
+    max_turns: int = Field(6, ge=1)
+    gen_median_s: float = Field(6.0, gt=0, description="Median LLM generation per turn.")
+    gen_sigma: float = Field(0.6, ge=0)
+    exec_median_s: float = Field(0.4, gt=0, description="Median code execution, one core.")
+    exec_sigma: float = Field(1.2, ge=0)
+    tail_fraction: float = Field(0.04, ge=0, le=1, description="Share of calls in the long tail.")
+    tail_min_s: float = Field(10.0, gt=0)
+    tail_alpha: float = Field(1.5, gt=0)
+    tail_cap_s: float = Field(120.0, gt=0)
+    tests_fraction: float = Field(0.5, ge=0, le=1, description="Share of calls that run tests.")
+    tests_max_cores: int = Field(8, ge=1)
+    tests_parallel_fraction: float = Field(0.9, ge=0, le=1)
+    reward_s: float = Field(1.5, gt=0, description="Reward-model call on one GPU replica.")
+    reward_max_replicas: int = Field(4, ge=1)
+    reward_parallel_fraction: float = Field(0.85, ge=0, le=1)
+    reward_models: tuple[str, ...] = REWARD_MODELS
+    seed: int = 0
+
+
+def _factors(min_units: int, max_units: int, parallel_fraction: float) -> tuple[float, ...]:
+    model = Amdahl(parallel_fraction=parallel_fraction)
+    return tuple(model.factor(u) for u in range(min_units, max_units + 1))
+
+
+def code_agent_steps(w: CodeAgentWorkload) -> list[list[TrajectoryPlan]]:
+    """Build ``w.steps`` synchronous RL steps of ``w.trajectories_per_step`` trajectories."""
+    rng = random.Random(w.seed)
+    tests_factors = _factors(1, w.tests_max_cores, w.tests_parallel_fraction)
+    reward_factors = _factors(1, w.reward_max_replicas, w.reward_parallel_fraction)
+    mu_gen, mu_exec = math.log(w.gen_median_s), math.log(w.exec_median_s)
+    steps: list[list[TrajectoryPlan]] = []
+    n = 0
+    for step in range(w.steps):
+        plans = []
+        for t in range(w.trajectories_per_step):
+            traj = f"s{step}t{t}"
+            task = w.reward_models[rng.randrange(len(w.reward_models))]
+            turns = []
+            for _ in range(rng.randint(w.min_turns, w.max_turns)):
+                if rng.random() < w.tail_fraction:
+                    dur = min(w.tail_min_s * rng.paretovariate(w.tail_alpha), w.tail_cap_s)
+                else:
+                    dur = rng.lognormvariate(mu_exec, w.exec_sigma)
+                tests = rng.random() < w.tests_fraction
+                spec = ActionSpec(
+                    id=f"a{n}",
+                    kind="sandbox.run_tests" if tests else "sandbox.exec",
+                    demand=(("cpu", 1.0),),
+                    max_units=w.tests_max_cores if tests else 1,
+                    factors=tests_factors if tests else (1.0,),
+                    trajectory_id=traj,
+                )
+                n += 1
+                turns.append(Turn(rng.lognormvariate(mu_gen, w.gen_sigma), (SimAction(spec, dur),)))
+            reward = ActionSpec(
+                id=f"a{n}",
+                kind=task,
+                demand=(("gpu", 1.0),),
+                max_units=w.reward_max_replicas,
+                factors=reward_factors,
+                trajectory_id=traj,
+            )
+            n += 1
+            dur = w.reward_s * rng.uniform(0.7, 1.3)
+            turns.append(Turn(rng.lognormvariate(mu_gen, w.gen_sigma), (SimAction(reward, dur),)))
+            plans.append(TrajectoryPlan(traj, tuple(turns)))
+        steps.append(plans)
+    return steps
+
+
+def count_actions(steps: Sequence[Sequence[TrajectoryPlan]]) -> int:
+    return sum(len(turn.actions) for plans in steps for p in plans for turn in p.turns)
+
+
+# -- recorded traces ------------------------------------------------------------------------------
+
+
+class TraceRecord(BaseModel):
+    """One line of a recorded trace: an action, when it arrived, and how long it really took."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str
+    kind: str
+    arrival_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0, description="True single-unit duration T(1).")
+    demand: dict[str, float] = Field(default_factory=lambda: {"cpu": 1.0})
+    min_units: int = Field(1, ge=1)
+    max_units: int = Field(1, ge=1)
+    parallel_fraction: float = Field(0.9, ge=0, le=1)
+    size: float = Field(1.0, gt=0)
+    trajectory_id: str | None = None
+
+    def to_sim(self) -> tuple[float, SimAction]:
+        spec = ActionSpec(
+            id=self.id,
+            kind=self.kind,
+            demand=tuple(sorted(self.demand.items())),
+            min_units=self.min_units,
+            max_units=self.max_units,
+            factors=_factors(self.min_units, self.max_units, self.parallel_fraction),
+            size=self.size,
+            trajectory_id=self.trajectory_id,
+        )
+        return self.arrival_s, SimAction(spec, self.duration_s)
+
+
+def load_trace(path: Path) -> list[tuple[float, SimAction]]:
+    """Read a JSONL trace; a bad line fails with its line number and the field at fault."""
+    out = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(TraceRecord.model_validate_json(line).to_sim())
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid trace record: {exc}") from exc
+    out.sort(key=lambda item: item[0])
+    return out
+
+
+def save_trace(records: Iterable[TraceRecord], path: Path) -> int:
+    n = 0
+    with open(path, "w") as fh:
+        for record in records:
+            fh.write(record.model_dump_json() + "\n")
+            n += 1
+    return n
+
+
+def poisson_trace(
+    n: int,
+    rate_per_s: float,
+    w: CodeAgentWorkload,
+    *,
+    reward_share: float = 0.2,
+) -> Iterator[TraceRecord]:
+    """An open-loop mix of code and reward actions at ``rate_per_s``, for cluster-scale runs."""
+    rng = random.Random(w.seed)
+    t = 0.0
+    mu_exec = math.log(w.exec_median_s)
+    for i in range(n):
+        t += rng.expovariate(rate_per_s)
+        if rng.random() < reward_share:
+            yield TraceRecord(
+                id=f"r{i}",
+                kind=w.reward_models[i % len(w.reward_models)],
+                arrival_s=t,
+                duration_s=w.reward_s * rng.uniform(0.7, 1.3),
+                demand={"gpu": 1.0},
+                max_units=w.reward_max_replicas,
+                parallel_fraction=w.reward_parallel_fraction,
+            )
+            continue
+        if rng.random() < w.tail_fraction:
+            dur = min(w.tail_min_s * rng.paretovariate(w.tail_alpha), w.tail_cap_s)
+        else:
+            dur = rng.lognormvariate(mu_exec, w.exec_sigma)
+        tests = rng.random() < w.tests_fraction
+        yield TraceRecord(
+            id=f"c{i}",
+            kind="sandbox.run_tests" if tests else "sandbox.exec",
+            arrival_s=t,
+            duration_s=dur,
+            max_units=w.tests_max_cores if tests else 1,
+            parallel_fraction=w.tests_parallel_fraction,
+        )
+
+
+def summarize(acts: Sequence[float]) -> dict[str, float]:
+    """Mean and quantiles of a list of ACTs (seconds)."""
+    if not acts:
+        return {"n": 0, "mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan}
+    xs = sorted(acts)
+
+    def q(p: float) -> float:
+        return xs[min(int(p * len(xs)), len(xs) - 1)]
+
+    return {"n": len(xs), "mean": sum(xs) / len(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+def dump_result(result: object, path: Path) -> None:
+    """Write a run as JSONL, one action per line (what ``tangram-core report`` reads)."""
+    kinds, submit, start, end = (getattr(result, k) for k in ("kinds", "submit", "start", "end"))
+    with open(path, "w") as fh:
+        for k, s, b, e in zip(kinds, submit, start, end, strict=True):
+            fh.write(json.dumps({"kind": k, "submit": s, "start": b, "end": e}) + "\n")
