@@ -7,7 +7,7 @@ from tangram_core.sim.workloads import (
     code_agent_steps,
     count_actions,
     load_trace,
-    poisson_trace,
+    poisson_actions,
     save_trace,
     summarize,
 )
@@ -23,7 +23,7 @@ __all__ = [
     "code_agent_steps",
     "count_actions",
     "load_trace",
-    "poisson_trace",
+    "poisson_actions",
     "save_trace",
     "summarize",
 ]

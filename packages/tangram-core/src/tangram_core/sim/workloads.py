@@ -19,10 +19,11 @@ All draws come from one seeded ``random.Random``, so a workload is reproducible.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +61,7 @@ class CodeAgentWorkload(BaseModel):
     seed: int = 0
 
 
+@functools.lru_cache(maxsize=1024)
 def _factors(min_units: int, max_units: int, parallel_fraction: float) -> tuple[float, ...]:
     model = Amdahl(parallel_fraction=parallel_fraction)
     return tuple(model.factor(u) for u in range(min_units, max_units + 1))
@@ -171,43 +173,50 @@ def save_trace(records: Iterable[TraceRecord], path: Path) -> int:
     return n
 
 
-def poisson_trace(
+def poisson_actions(
     n: int,
     rate_per_s: float,
     w: CodeAgentWorkload,
     *,
     reward_share: float = 0.2,
-) -> Iterator[TraceRecord]:
-    """An open-loop mix of code and reward actions at ``rate_per_s``, for cluster-scale runs."""
+) -> list[tuple[float, SimAction]]:
+    """An open-loop mix of code and reward actions arriving at ``rate_per_s`` (cluster scale).
+
+    Built directly as simulator actions (no per-action validation): a million of them take a few
+    seconds. Recorded traces from outside go through :func:`load_trace` instead.
+    """
     rng = random.Random(w.seed)
-    t = 0.0
     mu_exec = math.log(w.exec_median_s)
+    tests_factors = _factors(1, w.tests_max_cores, w.tests_parallel_fraction)
+    reward_factors = _factors(1, w.reward_max_replicas, w.reward_parallel_fraction)
+    cpu, gpu = (("cpu", 1.0),), (("gpu", 1.0),)
+    out: list[tuple[float, SimAction]] = []
+    t = 0.0
     for i in range(n):
         t += rng.expovariate(rate_per_s)
         if rng.random() < reward_share:
-            yield TraceRecord(
-                id=f"r{i}",
-                kind=w.reward_models[i % len(w.reward_models)],
-                arrival_s=t,
-                duration_s=w.reward_s * rng.uniform(0.7, 1.3),
-                demand={"gpu": 1.0},
-                max_units=w.reward_max_replicas,
-                parallel_fraction=w.reward_parallel_fraction,
+            kind = w.reward_models[i % len(w.reward_models)]
+            spec = ActionSpec(
+                f"r{i}", kind, gpu, max_units=w.reward_max_replicas, factors=reward_factors
             )
+            out.append((t, SimAction(spec, w.reward_s * rng.uniform(0.7, 1.3))))
             continue
         if rng.random() < w.tail_fraction:
             dur = min(w.tail_min_s * rng.paretovariate(w.tail_alpha), w.tail_cap_s)
         else:
             dur = rng.lognormvariate(mu_exec, w.exec_sigma)
-        tests = rng.random() < w.tests_fraction
-        yield TraceRecord(
-            id=f"c{i}",
-            kind="sandbox.run_tests" if tests else "sandbox.exec",
-            arrival_s=t,
-            duration_s=dur,
-            max_units=w.tests_max_cores if tests else 1,
-            parallel_fraction=w.tests_parallel_fraction,
-        )
+        if rng.random() < w.tests_fraction:
+            spec = ActionSpec(
+                f"c{i}",
+                "sandbox.run_tests",
+                cpu,
+                max_units=w.tests_max_cores,
+                factors=tests_factors,
+            )
+        else:
+            spec = ActionSpec(f"c{i}", "sandbox.exec", cpu)
+        out.append((t, SimAction(spec, dur)))
+    return out
 
 
 def summarize(acts: Sequence[float]) -> dict[str, float]:
