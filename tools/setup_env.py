@@ -139,7 +139,7 @@ class Setup:
         vLLM already, and naming the extra would make pip re-resolve it.
         """
         specs = {
-            "tangram-core": "[ray,otlp]",
+            "tangram-core": "[ray,otlp,report]",
             "sandbox": "",
             "reward-serve": "[serve,models]",
             "hysparse-vllm": "",

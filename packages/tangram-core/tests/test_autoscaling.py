@@ -17,8 +17,14 @@ CONFIG = AutoscalingConfig(min_units=1, max_units=32, downscale_delay_s=30.0, do
 
 
 def decide(state=None, config=CONFIG, **ctx):
-    fields = {"now": 0.0, "current_units": 8, "busy_units": 0.0, "queued_units": 0.0,
-              "queued_work_s": 0.0, "warmup_s": 5.0} | ctx  # fmt: skip
+    fields = {
+        "now": 0.0,
+        "current_units": 8,
+        "busy_units": 0.0,
+        "queued_units": 0.0,
+        "queued_work_s": 0.0,
+        "warmup_s": 5.0,
+    } | ctx
     return apply_policy(
         queue_delay_policy, PoolContext(**fields), state or AutoscalingState(), config
     )
@@ -65,8 +71,11 @@ def test_never_below_what_is_running_or_min_units():
     eager = CONFIG.model_copy(update={"downscale_delay_s": 0.0, "downscale_step": 1.0})
     target, _ = decide(config=eager, current_units=16, busy_units=3.5)
     assert target == 5  # ceil(3.5 / 0.8); and never below ceil(3.5) running
-    target, _ = decide(config=AutoscalingConfig(min_units=4, max_units=8, downscale_delay_s=0),
-                       current_units=8, busy_units=0)  # fmt: skip
+    target, _ = decide(
+        config=AutoscalingConfig(min_units=4, max_units=8, downscale_delay_s=0),
+        current_units=8,
+        busy_units=0,
+    )
     assert target >= 4
 
 

@@ -26,11 +26,26 @@ from tangram_core.sim import (
 pytestmark = pytest.mark.usefixtures("no_ray")
 
 
-def act(id: str, t1: float, *, traj: str | None = None, max_units: int = 1, p: float = 1.0,
-        kind: str = "sandbox.exec", demand: tuple = (("cpu", 1.0),)) -> SimAction:  # fmt: skip
+def act(
+    id: str,
+    t1: float,
+    *,
+    traj: str | None = None,
+    max_units: int = 1,
+    p: float = 1.0,
+    kind: str = "sandbox.exec",
+    demand: tuple = (("cpu", 1.0),),
+) -> SimAction:
     factors = tuple((1 - p) + p / u for u in range(1, max_units + 1))
-    spec = ActionSpec(id=id, kind=kind, demand=demand, max_units=max_units, factors=factors,
-                      estimated_t1=t1, trajectory_id=traj)  # fmt: skip
+    spec = ActionSpec(
+        id=id,
+        kind=kind,
+        demand=demand,
+        max_units=max_units,
+        factors=factors,
+        estimated_t1=t1,
+        trajectory_id=traj,
+    )
     return SimAction(spec, t1)
 
 

@@ -59,6 +59,7 @@ class SimResult:
     submit: list[float] = field(default_factory=list)
     start: list[float] = field(default_factory=list)
     end: list[float] = field(default_factory=list)
+    units: list[float] = field(default_factory=list)  # average units held while running
     step_durations: list[float] = field(default_factory=list)
     makespan: float = 0.0
     capacity: dict[str, float] = field(default_factory=dict)
@@ -123,7 +124,8 @@ class Simulator:
             seq += 1
         heapq.heapify(heap)
 
-        # action id -> [sim action, units, seg_start, remaining true T(1), version, index]
+        # action id -> [sim action, units, seg_start, remaining true T(1), version, index,
+        #               unit-seconds held before seg_start]
         running: dict[str, list] = {}
         owner: dict[str, int] = {}  # action id -> trajectory slot
         waiting: dict[str, tuple[SimAction, int]] = {}  # submitted, not started: (action, index)
@@ -156,6 +158,7 @@ class Simulator:
             res.submit.append(t)
             res.start.append(t)
             res.end.append(t)
+            res.units.append(0.0)
             waiting[action.spec.id] = (action, index)
             sched.submit(action.spec, t)
 
@@ -174,7 +177,11 @@ class Simulator:
                     sim_action, units = run[0], run[1]
                     for r, d in sim_action.spec.demand:
                         busy[r] = busy.get(r, 0.0) + d * units * (now - run[2])
-                    res.end[run[5]] = now
+                    index = run[5]
+                    res.end[index] = now
+                    unit_s = run[6] + units * (now - run[2])
+                    ran = now - res.start[index]
+                    res.units[index] = unit_s / ran if ran > 0 else float(units)
                     sched.complete(a, now)  # type: ignore[arg-type]
                     done += 1
                     if self._on_progress is not None and done % 10_000 == 0:
@@ -219,7 +226,7 @@ class Simulator:
             for st in plan.starts:
                 action, index = waiting.pop(st.action_id)
                 res.start[index] = now
-                running[st.action_id] = [action, st.units, now, action.true_t1, 0, index]
+                running[st.action_id] = [action, st.units, now, action.true_t1, 0, index, 0.0]
                 end = now + action.true_t1 * action.spec.factor(st.units)
                 heapq.heappush(heap, (end, seq, _FINISH, st.action_id, 0))
                 seq += 1
@@ -229,6 +236,7 @@ class Simulator:
                 for r, d in action.spec.demand:
                     busy[r] = busy.get(r, 0.0) + d * old * (now - run[2])
                 run[3] = max(run[3] - (now - run[2]) / action.spec.factor(old), 0.0)
+                run[6] += old * (now - run[2])
                 run[1], run[2] = rz.units, now
                 run[4] += 1
                 end = now + run[3] * action.spec.factor(rz.units)

@@ -233,7 +233,9 @@ def summarize(acts: Sequence[float]) -> dict[str, float]:
 
 def dump_result(result: object, path: Path) -> None:
     """Write a run as JSONL, one action per line (what ``tangram-core report`` reads)."""
-    kinds, submit, start, end = (getattr(result, k) for k in ("kinds", "submit", "start", "end"))
+    fields = ("kinds", "submit", "start", "end", "units")
+    kinds, submit, start, end, units = (getattr(result, k) for k in fields)
     with open(path, "w") as fh:
-        for k, s, b, e in zip(kinds, submit, start, end, strict=True):
-            fh.write(json.dumps({"kind": k, "submit": s, "start": b, "end": e}) + "\n")
+        for k, s, b, e, u in zip(kinds, submit, start, end, units, strict=True):
+            line = {"kind": k, "submit": s, "start": b, "end": e, "units": round(u, 4)}
+            fh.write(json.dumps(line) + "\n")
