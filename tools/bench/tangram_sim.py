@@ -64,7 +64,7 @@ def compare(w: CodeAgentWorkload, steps: list, sandbox_cores: float, per_traj: f
             steps,
             "isolated",
         ),
-        "tangram": run(ElasticScheduler({"cpu": cpu, "gpu": gpu}), steps, "tangram"),
+        "tangram": run(tangram := ElasticScheduler({"cpu": cpu, "gpu": gpu}), steps, "tangram"),
     }
     row: dict = {
         "sandbox_cores": sandbox_cores,
@@ -81,6 +81,11 @@ def compare(w: CodeAgentWorkload, steps: list, sandbox_cores: float, per_traj: f
             "step_mean_s": sum(r.step_durations) / len(r.step_durations),
             "utilisation": r.utilisation(),
         }
+    # The estimator learned online during the run; each error is measured before it learned.
+    row["tangram"]["estimator"] = {
+        k: {"n": a.count, "mape": a.mape, "geo_bias": a.geo_bias}
+        for k, a in tangram.estimator.accuracy().items()
+    }
     t, s, i = row["tangram"], row["static"], row["isolated"]
     row["act_ratio_vs_static"] = s["act"]["mean"] / t["act"]["mean"]
     row["act_ratio_vs_isolated"] = i["act"]["mean"] / t["act"]["mean"]
@@ -226,6 +231,8 @@ def run_workload(name: str, w: CodeAgentWorkload) -> dict:
             f"vs isolated, step x{row['step_speedup_vs_static']:.2f}"
         )
     head = rows[0]
+    mape = {k: round(v["mape"], 2) for k, v in head["tangram"]["estimator"].items()}
+    print(f"duration estimator, mean abs. % error per kind: {mape}")
     saving = saving_at_equal_p50(steps, head["cpu"], head["gpu"], head["static"]["act"]["p50"])
     print(
         f"resources at equal p50 ACT ({saving.get('target_p50', float('nan')):.3f}s): saving "
