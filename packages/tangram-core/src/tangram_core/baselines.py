@@ -35,6 +35,14 @@ _EPS = 1e-9
 PartitionOf = Callable[[ActionSpec], str]
 
 
+def _sum_partitions(parts: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for amounts in parts.values():
+        for r, v in amounts.items():
+            total[r] = total.get(r, 0.0) + v
+    return total
+
+
 class PartitionedFifoScheduler(Scheduler):
     """FIFO per partition; each partition has its own fixed resources that nobody else uses."""
 
@@ -61,18 +69,10 @@ class PartitionedFifoScheduler(Scheduler):
         )
 
     def capacity(self) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for cap in self._caps.values():
-            for r, v in cap.items():
-                total[r] = total.get(r, 0.0) + v
-        return total
+        return _sum_partitions(self._caps)
 
     def usage(self) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for used in self._used.values():
-            for r, v in used.items():
-                total[r] = total.get(r, 0.0) + v
-        return total
+        return _sum_partitions(self._used)
 
     @property
     def queued(self) -> int:

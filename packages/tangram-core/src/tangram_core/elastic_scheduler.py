@@ -36,7 +36,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -120,6 +120,16 @@ class _Running:
         self.seg_start = now
         self.units = units
         self.fu = self.spec.factors[units - self.spec.min_units]
+
+
+@dataclass(slots=True)
+class _Round:
+    """What one ``schedule`` call has decided so far, and which resources it has ruled out."""
+
+    starts: dict[str, int] = field(default_factory=dict)
+    resizes: dict[str, int] = field(default_factory=dict)
+    closed: set[str] = field(default_factory=set)  # reserved for a starving action
+    blocked: set[str] = field(default_factory=set)  # some queued action could not get them
 
 
 class ElasticScheduler(Scheduler):
@@ -275,21 +285,18 @@ class ElasticScheduler(Scheduler):
             self._dirty = False
             return EMPTY_PLAN
         self._dirty = False
-        starts: dict[str, int] = {}
-        resizes: dict[str, int] = {}
-        closed: set[str] = set()  # resource types reserved for a starving action this round
-        blocked: set[str] = set()  # resource types some queued action could not get
-        self._admit_starving(now, starts, resizes, closed, blocked)
-        self._admit_in_rank_order(now, starts, resizes, closed, blocked)
+        rnd = _Round()
+        self._admit_starving(now, rnd)
+        self._admit_in_rank_order(now, rnd)
         if self.config.expand:
-            self._expand(now, starts, resizes, blocked | closed)
-        if not starts and not resizes:
+            self._expand(now, rnd)
+        if not rnd.starts and not rnd.resizes:
             return EMPTY_PLAN
-        self.stats.started += len(starts)
-        self.stats.resizes += len(resizes)
+        self.stats.started += len(rnd.starts)
+        self.stats.resizes += len(rnd.resizes)
         return Plan(
-            starts=tuple(Start(a, u) for a, u in starts.items()),
-            resizes=tuple(Resize(a, u) for a, u in resizes.items()),
+            starts=tuple(Start(a, u) for a, u in rnd.starts.items()),
+            resizes=tuple(Resize(a, u) for a, u in rnd.resizes.items()),
         )
 
     def _has_free(self) -> bool:
@@ -318,7 +325,7 @@ class ElasticScheduler(Scheduler):
             self._freed.add(r)
             self._used[r] = max(self._used.get(r, 0.0) - d * units, 0.0)
 
-    def _start(self, item: _Queued, now: float, starts: dict[str, int]) -> None:
+    def _start(self, item: _Queued, now: float, rnd: _Round) -> None:
         spec = item.spec
         del self._queued[spec.id]
         item.alive = False
@@ -327,28 +334,19 @@ class ElasticScheduler(Scheduler):
             spec, item.submit_time, item.key, item.est_t1, spec.min_units, now, fu=spec.factors[0]
         )
         self._running[spec.id] = run
-        starts[spec.id] = spec.min_units
+        rnd.starts[spec.id] = spec.min_units
         self._push_growable(run, now)
         kinds = self.stats.by_kind_started
         kinds[spec.kind] = kinds.get(spec.kind, 0) + 1
 
-    def _try_start(
-        self, item: _Queued, now: float, starts: dict[str, int], resizes: dict[str, int]
-    ) -> bool:
+    def _try_start(self, item: _Queued, now: float, rnd: _Round) -> bool:
         spec = item.spec
-        if self._fits(spec.demand, spec.min_units) or self._reclaim(spec, now, starts, resizes):
-            self._start(item, now, starts)
+        if self._fits(spec.demand, spec.min_units) or self._reclaim(spec, now, rnd):
+            self._start(item, now, rnd)
             return True
         return False
 
-    def _admit_starving(
-        self,
-        now: float,
-        starts: dict[str, int],
-        resizes: dict[str, int],
-        closed: set[str],
-        blocked: set[str],
-    ) -> None:
+    def _admit_starving(self, now: float, rnd: _Round) -> None:
         horizon = now - self.config.max_wait_s
         heap = self._by_submit
         kept: list[tuple[float, int, _Queued]] = []
@@ -358,23 +356,16 @@ class ElasticScheduler(Scheduler):
             if not item.alive:
                 continue
             needs = _resources(item.spec.demand)
-            if needs & closed or not self._try_start(item, now, starts, resizes):
-                closed |= needs
-                blocked |= needs
+            if needs & rnd.closed or not self._try_start(item, now, rnd):
+                rnd.closed |= needs
+                rnd.blocked |= needs
                 kept.append(entry)
         for entry in kept:
             heapq.heappush(heap, entry)
         while heap and not heap[0][2].alive:
             heapq.heappop(heap)
 
-    def _admit_in_rank_order(
-        self,
-        now: float,
-        starts: dict[str, int],
-        resizes: dict[str, int],
-        closed: set[str],
-        blocked: set[str],
-    ) -> None:
+    def _admit_in_rank_order(self, now: float, rnd: _Round) -> None:
         if self._freed:
             freed = self._freed
             self._stuck = {sh for sh in self._stuck if not any(r in freed for r, _ in sh[0])}
@@ -382,7 +373,7 @@ class ElasticScheduler(Scheduler):
         heads: list[tuple[tuple[int, float, int], Shape]] = []
         for shape, heap in self._shapes.items():
             if shape in self._stuck:
-                blocked.update(r for r, _ in shape[0])
+                rnd.blocked.update(r for r, _ in shape[0])
                 continue
             while heap and not heap[0][1].alive:
                 heapq.heappop(heap)
@@ -394,11 +385,11 @@ class ElasticScheduler(Scheduler):
             heap = self._shapes[shape]
             item = heap[0][1]
             needs = _resources(shape[0])
-            if needs & closed:
-                blocked |= needs
+            if needs & rnd.closed:
+                rnd.blocked |= needs
                 continue  # reserved for a starving action this round
-            if not self._try_start(item, now, starts, resizes):
-                blocked |= needs
+            if not self._try_start(item, now, rnd):
+                rnd.blocked |= needs
                 self._stuck.add(shape)
                 continue  # the whole shape waits until one of its resources is released
             heapq.heappop(heap)
@@ -409,9 +400,7 @@ class ElasticScheduler(Scheduler):
             else:
                 del self._shapes[shape]
 
-    def _reclaim(
-        self, spec: ActionSpec, now: float, starts: dict[str, int], resizes: dict[str, int]
-    ) -> bool:
+    def _reclaim(self, spec: ActionSpec, now: float, rnd: _Round) -> bool:
         """Shrink borrowed units (above their minimum) so that ``spec`` fits; all or nothing."""
         borrowed = self._borrowed
         if self.config.resize_running and not any(
@@ -426,7 +415,7 @@ class ElasticScheduler(Scheduler):
         if not deficit:
             return True
         if not self.config.resize_running:
-            return self._reclaim_from_new_starts(deficit, now, starts, resizes)
+            return self._reclaim_from_new_starts(deficit, now, rnd)
         if any(self._borrowed.get(r, 0.0) + _EPS < need for r, need in deficit.items()):
             return False
         heads = [
@@ -444,7 +433,7 @@ class ElasticScheduler(Scheduler):
             run = self._running.get(run_id)
             if run is not None and run.units == units and units > run.spec.min_units:
                 self._release(run.spec, 1)
-                self._set_units(run, units - 1, now, starts, resizes)
+                self._set_units(run, units - 1, now, rnd)
                 for r, d in shape:
                     if r in deficit:
                         deficit[r] -= d
@@ -452,15 +441,9 @@ class ElasticScheduler(Scheduler):
                 heapq.heappush(heads, (heap[0][0], next(self._seq), shape))
         return True
 
-    def _reclaim_from_new_starts(
-        self,
-        deficit: dict[str, float],
-        now: float,
-        starts: dict[str, int],
-        resizes: dict[str, int],
-    ) -> bool:
+    def _reclaim_from_new_starts(self, deficit: dict[str, float], now: float, rnd: _Round) -> bool:
         """Without running resizes, only actions started in this round can still give units."""
-        lenders = [self._running[a] for a in starts]
+        lenders = [self._running[a] for a in rnd.starts]
         lenders = [r for r in lenders if r.units > r.spec.min_units]
         for r in deficit:
             spare = sum(
@@ -474,7 +457,7 @@ class ElasticScheduler(Scheduler):
                 key=lambda x: self._loss(x, now),
             )
             self._release(run.spec, 1)
-            self._set_units(run, run.units - 1, now, starts, resizes)
+            self._set_units(run, run.units - 1, now, rnd)
             for r, d in run.spec.demand:
                 if r in deficit:
                     deficit[r] -= d
@@ -494,20 +477,13 @@ class ElasticScheduler(Scheduler):
         i = run.units - run.spec.min_units  # >= 1: only borrowers are asked
         return run.remaining_t1(now) * (run.spec.factors[i - 1] - run.fu)
 
-    def _set_units(
-        self,
-        run: _Running,
-        units: int,
-        now: float,
-        starts: dict[str, int],
-        resizes: dict[str, int],
-    ) -> None:
+    def _set_units(self, run: _Running, units: int, now: float, rnd: _Round) -> None:
         self._lend(run, run.units, units)
         run.resize(units, now)
-        if run.spec.id in starts:
-            starts[run.spec.id] = units
+        if run.spec.id in rnd.starts:
+            rnd.starts[run.spec.id] = units
         else:
-            resizes[run.spec.id] = units
+            rnd.resizes[run.spec.id] = units
         if units > run.spec.min_units:
             heap = self._lenders.setdefault(run.spec.demand, [])
             heapq.heappush(heap, (self._loss(run, now), next(self._seq), run.spec.id, units))
@@ -526,18 +502,16 @@ class ElasticScheduler(Scheduler):
                 heap = self._growable.setdefault(run.spec.demand, [])
                 heapq.heappush(heap, (-gain, next(self._seq), run.spec.id, run.units))
 
-    def _expand(
-        self,
-        now: float,
-        starts: dict[str, int],
-        resizes: dict[str, int],
-        blocked: set[str],
-    ) -> None:
+    def _expand(self, now: float, rnd: _Round) -> None:
         grow_running = self.config.resize_running
         min_gain = self.config.min_gain_s
         heads: list[tuple[float, int, tuple[tuple[str, float], ...]]] = []
         for demand, heap in self._growable.items():
-            if heap and self._fits_expansion(demand) and not any(r in blocked for r, _ in demand):
+            if (
+                heap
+                and self._fits_expansion(demand)
+                and not any(r in rnd.blocked or r in rnd.closed for r, _ in demand)
+            ):
                 heads.append((heap[0][0], next(self._seq), demand))
         heapq.heapify(heads)
         while heads:
@@ -548,7 +522,7 @@ class ElasticScheduler(Scheduler):
             entry = heapq.heappop(heap)
             run = self._running.get(entry[2])
             if run is not None and run.units == entry[3]:
-                if not grow_running and entry[2] not in starts:
+                if not grow_running and entry[2] not in rnd.starts:
                     pass  # started in an earlier round; its units are fixed: drop the entry
                 else:
                     gain = self._gain(run, now)
@@ -571,6 +545,6 @@ class ElasticScheduler(Scheduler):
                             i = units - spec.min_units
                             if rem * (spec.factors[i] - spec.factors[i + 1]) < bar:
                                 break
-                        self._set_units(run, units, now, starts, resizes)
+                        self._set_units(run, units, now, rnd)
             if heap:
                 heapq.heappush(heads, (heap[0][0], next(self._seq), demand))
