@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -39,7 +40,9 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_per_kind(trace: list, capacity: dict[str, float]) -> dict[str, dict[str, float]]:
+def _split_per_kind(
+    trace: list[tuple[float, Any]], capacity: dict[str, float]
+) -> dict[str, dict[str, float]]:
     """Split each resource evenly among the kinds that use it (the isolated baseline's pools)."""
     need: dict[str, dict[str, float]] = {}
     for _, action in trace:

@@ -20,6 +20,7 @@ import heapq
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tangram_core.scheduler import ActionSpec, Scheduler
 
@@ -117,7 +118,7 @@ class Simulator:
         t_wall = time.perf_counter()
         sched = self.scheduler
         res = SimResult(name=self.name, capacity=sched.capacity())
-        heap: list[tuple[float, int, int, object, int]] = []
+        heap: list[tuple[float, int, int, Any, int]] = []  # (time, seq, event, payload, version)
         seq = 0
         for t, action in trace:
             heap.append((t, seq, _ARRIVE, action, 0))
@@ -126,7 +127,7 @@ class Simulator:
 
         # action id -> [sim action, units, seg_start, remaining true T(1), version, index,
         #               unit-seconds held before seg_start]
-        running: dict[str, list] = {}
+        running: dict[str, list[Any]] = {}
         owner: dict[str, int] = {}  # action id -> trajectory slot
         waiting: dict[str, tuple[SimAction, int]] = {}  # submitted, not started: (action, index)
         busy = dict.fromkeys(res.capacity, 0.0)
@@ -170,10 +171,10 @@ class Simulator:
             while heap and heap[0][0] == now:
                 _, _, kind, a, version = heapq.heappop(heap)
                 if kind == _FINISH:
-                    run = running.get(a)  # type: ignore[arg-type]
+                    run = running.get(a)
                     if run is None or run[4] != version:
                         continue  # re-timed by a resize; a newer event exists
-                    del running[a]  # type: ignore[arg-type]
+                    del running[a]
                     sim_action, units = run[0], run[1]
                     for r, d in sim_action.spec.demand:
                         busy[r] = busy.get(r, 0.0) + d * units * (now - run[2])
@@ -182,11 +183,11 @@ class Simulator:
                     unit_s = run[6] + units * (now - run[2])
                     ran = now - res.start[index]
                     res.units[index] = unit_s / ran if ran > 0 else float(units)
-                    sched.complete(a, now)  # type: ignore[arg-type]
+                    sched.complete(a, now)
                     done += 1
                     if self._on_progress is not None and done % 10_000 == 0:
                         self._on_progress(done)
-                    slot = owner.pop(a, -1)  # type: ignore[call-overload]
+                    slot = owner.pop(a, -1)
                     if slot >= 0:
                         traj_pending[slot] -= 1
                         if traj_pending[slot] == 0:
@@ -198,7 +199,7 @@ class Simulator:
                             heapq.heappush(heap, (now + nxt, seq, _TURN, slot, 0))
                             seq += 1
                 elif kind == _TURN:
-                    slot = a  # type: ignore[assignment]
+                    slot = a
                     turns = traj_plan[slot].turns
                     k = traj_turn[slot]
                     if k >= len(turns):
@@ -221,7 +222,7 @@ class Simulator:
                         owner[action.spec.id] = slot
                         submit(action, now)
                 else:
-                    submit(a, now)  # type: ignore[arg-type]
+                    submit(a, now)
             plan = sched.schedule(now)
             for st in plan.starts:
                 action, index = waiting.pop(st.action_id)
