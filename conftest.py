@@ -67,3 +67,9 @@ def load_tool() -> Callable[[str], ModuleType]:
         return sys.modules[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir() -> Path:
+    """A tiny scalar reward model (Llama + one-logit head) sharing the tiny tokenizer."""
+    return _model("tiny-rm")

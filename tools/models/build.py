@@ -31,6 +31,7 @@ STAMP = ".builder-hash"
 MODELS: dict[str, tuple[str, str]] = {
     "tiny": ("tiny-llama", "tiny_llama"),
     "smollm2": ("smollm2-135m-instruct", "smollm2"),
+    "tiny-rm": ("tiny-rm", "tiny_rm"),
 }
 
 
@@ -38,8 +39,15 @@ def models_dir() -> Path:
     return Path(os.environ.get("TANGRAM_MODELS_DIR", ROOT / ".cache" / "models")).resolve()
 
 
+# A builder that imports another one is stale when either changes.
+_DEPENDS = {"tiny_rm": ["tiny_llama"]}
+
+
 def _builder_hash(module: str) -> str:
-    return hashlib.sha256((HERE / f"{module}.py").read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for name in [module, *_DEPENDS.get(module, [])]:
+        h.update((HERE / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -129,39 +129,49 @@ def build_tokenizer() -> object:
     return fast
 
 
+def tiny_config(tokenizer: object, **overrides: object) -> object:
+    """The tiny Llama shape (head_dim 32, GQA 2:1), shared by the causal LM and the reward model."""
+    from transformers import LlamaConfig
+
+    tok = tokenizer
+    fields: dict[str, object] = {
+        "vocab_size": len(tok),  # type: ignore[arg-type]
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # GQA 2:1, as the real models have
+        "head_dim": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),  # type: ignore[attr-defined]
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),  # type: ignore[attr-defined]
+        "pad_token_id": tok.convert_tokens_to_ids("<pad>"),  # type: ignore[attr-defined]
+        "dtype": "float32",
+    }
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
 def build(out: Path) -> None:
     """Write tokenizer + seeded random Llama weights (safetensors) into ``out``."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
-    vocab = len(tokenizer)  # type: ignore[arg-type]
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA 2:1, as the real models have
-        head_dim=32,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),  # type: ignore[attr-defined]
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),  # type: ignore[attr-defined]
-        pad_token_id=tokenizer.convert_tokens_to_ids("<pad>"),  # type: ignore[attr-defined]
-        dtype="float32",
-    )
+    config = tiny_config(tokenizer)
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,  # type: ignore[attr-defined]
+        eos_token_id=config.eos_token_id,  # type: ignore[attr-defined]
+        pad_token_id=config.pad_token_id,  # type: ignore[attr-defined]
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    vocab = len(tokenizer)  # type: ignore[arg-type]
     (out / "tangram-fixture.json").write_text(
         json.dumps({"kind": "tiny-llama", "seed": SEED, "vocab_size": vocab}, indent=1)
     )
