@@ -17,6 +17,7 @@ Two details that matter in a reward server:
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -32,12 +33,15 @@ def _timeouts() -> dict[str, Any]:
     return {"parsing_timeout": _TIMEOUT_S if on_main else None}
 
 
-def _parse(expr: str) -> list[Any]:
+@functools.lru_cache(maxsize=65_536)
+def _parse(expr: str) -> tuple[Any, ...]:
+    """Parse once per distinct string: a GRPO group's samples share one reference answer and
+    often repeat each other, so the cache removes most of the (milliseconds-long) parsing."""
     # Inside math delimiters first: plain-text parsing reads "[1, 3]" as the number 3.
     parsed = parse(expr if "$" in expr else f"${expr}$", **_timeouts())
     if not parsed:
         parsed = parse(expr, **_timeouts())
-    return list(parsed)
+    return tuple(parsed)
 
 
 def answers_equivalent(predicted: str, reference: str) -> bool:
@@ -46,7 +50,7 @@ def answers_equivalent(predicted: str, reference: str) -> bool:
     if not gold or not pred:
         return predicted.strip() == reference.strip() and bool(reference.strip())
     on_main = threading.current_thread() is threading.main_thread()
-    return bool(verify(gold, pred, timeout_seconds=_TIMEOUT_S if on_main else None))
+    return bool(verify(list(gold), list(pred), timeout_seconds=_TIMEOUT_S if on_main else None))
 
 
 def math_accuracy(response: str, reference: str) -> float:

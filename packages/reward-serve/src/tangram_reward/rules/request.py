@@ -1,0 +1,54 @@
+"""One rule-reward request, validated at the edge, and the pure function that scores it.
+
+Servers (Ray Serve, HTTP) and in-process callers share this: the request model is the contract,
+and :func:`score_rules` is what every replica runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tangram_reward.rules.format_reward import r1_format
+from tangram_reward.rules.language_reward import language_consistency
+from tangram_reward.rules.math_reward import math_accuracy
+
+Rule = Literal["math", "format", "language"]
+
+
+class RuleRequest(BaseModel):
+    """Score one response with one or more rules; the reward is their weighted sum."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    response: str = Field(min_length=1, description="The model's full response.")
+    reference: str | None = Field(None, description="Ground-truth answer (needed by 'math').")
+    rules: tuple[Rule, ...] = Field(("math",), min_length=1)
+    weights: dict[Rule, float] | None = Field(None, description="Per-rule weight; default 1.")
+    think_prefilled: bool = Field(False, description="The prompt already opened <think>.")
+    language: str = "en"
+
+    @model_validator(mode="after")
+    def _needs_reference(self) -> RuleRequest:
+        if "math" in self.rules and not (self.reference and self.reference.strip()):
+            raise ValueError("rule 'math' needs a non-empty 'reference' answer")
+        return self
+
+
+class RuleScore(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    reward: float
+    scores: dict[str, float]
+
+
+def score_rules(req: RuleRequest) -> RuleScore:
+    scores: dict[str, float] = {}
+    for rule in req.rules:
+        if rule == "math":
+            scores[rule] = math_accuracy(req.response, req.reference or "")
+        elif rule == "format":
+            scores[rule] = r1_format(req.response, think_prefilled=req.think_prefilled)
+        else:
+            scores[rule] = language_consistency(req.response, req.language)
+    weights = req.weights or {}
+    return RuleScore(reward=sum(weights.get(r, 1.0) * v for r, v in scores.items()), scores=scores)

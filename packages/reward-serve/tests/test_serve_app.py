@@ -1,0 +1,133 @@
+"""Reward deployments on a real local Ray Serve: handles, HTTP, batching, multiplexing, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_instance(ray_session):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield serve, port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rules(serve_instance):
+    from tangram_reward.serve_app import RewardDeploymentConfig, build_app
+
+    serve, port = serve_instance
+    cfg = RewardDeploymentConfig(
+        name="rules", kind="rules", num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.05
+    )
+    handle = serve.run(build_app(cfg), name="rules", route_prefix="/rules")
+    return handle, port
+
+
+def test_rule_scores_through_a_handle(rules):
+    handle, _ = rules
+    good = {
+        "response": "<think>2+2</think><answer>4</answer>",
+        "reference": "4",
+        "rules": ["math", "format"],
+    }
+    out = handle.score.remote(good).result()
+    assert out == {"reward": 2.0, "scores": {"math": 1.0, "format": 1.0}}
+    wrong = handle.score.remote({**good, "reference": "5"}).result()
+    assert wrong["scores"] == {"math": 0.0, "format": 1.0}
+
+
+def test_a_burst_is_batched(rules):
+    handle, _ = rules
+    reqs = [{"response": rf"\boxed{{{i}}}", "reference": str(i)} for i in range(48)]
+
+    async def burst() -> list:
+        return await asyncio.gather(*[handle.score.remote(r) for r in reqs])
+
+    results = asyncio.run(burst())
+    assert [r["reward"] for r in results] == [1.0] * 48
+    assert handle.stats.remote().result()["max_batch"] > 1
+
+
+def test_bad_input_is_a_clear_error(rules):
+    handle, port = rules
+    with pytest.raises(Exception, match="rule 'math' needs a non-empty 'reference'"):
+        handle.score.remote({"response": "42"}).result()
+    with pytest.raises(Exception, match="response"):
+        handle.score.remote({"response": "", "reference": "1"}).result()
+    body = json.dumps({"response": "x", "reference": "1", "colour": "red"}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/rules", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 422
+    detail = json.loads(err.value.read())["detail"]
+    assert detail[0]["field"] == "colour"
+    ok = urllib.request.Request(
+        f"http://127.0.0.1:{port}/rules",
+        method="POST",
+        data=json.dumps({"response": "7", "reference": "7"}).encode(),
+    )
+    assert json.loads(urllib.request.urlopen(ok, timeout=30).read())["reward"] == 1.0
+
+
+def test_scalar_reward_model_batches_and_multiplexes(serve_instance, tiny_rm_dir, tmp_path):
+    import shutil
+
+    from tangram_reward.models import ScalarRewardModel, ScalarRewardModelConfig
+    from tangram_reward.serve_app import RewardDeploymentConfig, build_app
+
+    serve, _ = serve_instance
+    cfg = RewardDeploymentConfig(
+        name="rm",
+        kind="scalar_rm",
+        model_path=str(tiny_rm_dir),
+        num_cpus=0.5,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.05,
+    )
+    handle = serve.run(build_app(cfg), name="rm", route_prefix="/rm")
+    pairs = [(f"question {i}", f"answer {i}") for i in range(16)]
+
+    async def burst(model_id=None) -> list:
+        return await asyncio.gather(*[handle.score.remote(p, r, model_id) for p, r in pairs])
+
+    served = asyncio.run(burst())
+    local = ScalarRewardModel(ScalarRewardModelConfig(path=tiny_rm_dir))
+    assert served == pytest.approx(local.score(*zip(*pairs, strict=True)), abs=1e-5)
+    assert handle.stats.remote().result()["max_batch"] > 1
+    second = tmp_path / "second-head"
+    shutil.copytree(tiny_rm_dir, second)  # a second reward head, multiplexed on the same replica
+    assert asyncio.run(burst(str(second))) == pytest.approx(served, abs=1e-5)
+    with pytest.raises(Exception, match="does not exist"):
+        handle.score.remote("p", "r", str(tmp_path / "missing")).result()
+    serve.delete("rm")
+
+
+def test_config_errors_name_the_fix():
+    from pydantic import ValidationError
+
+    from tangram_reward.serve_app import RewardDeploymentConfig
+
+    with pytest.raises(ValidationError, match="needs model_path"):
+        RewardDeploymentConfig(name="x", kind="scalar_rm")
+    with pytest.raises(
+        ValidationError, match=r"max_ongoing_requests \(4\) must be >= max_batch_size \(8\)"
+    ):
+        RewardDeploymentConfig(name="x", kind="rules", max_batch_size=8, max_ongoing_requests=4)
