@@ -131,3 +131,36 @@ def test_config_errors_name_the_fix():
         ValidationError, match=r"max_ongoing_requests \(4\) must be >= max_batch_size \(8\)"
     ):
         RewardDeploymentConfig(name="x", kind="rules", max_batch_size=8, max_ongoing_requests=4)
+
+
+def test_external_scaling_up_and_down(serve_instance):
+    from tangram_reward.serve_app import (
+        RewardDeploymentConfig,
+        build_app,
+        running_replicas,
+        scale_deployment,
+        wait_for_replicas,
+    )
+
+    serve, _ = serve_instance
+    cfg = RewardDeploymentConfig(name="scaled", kind="rules", num_cpus=0.25)
+    handle = serve.run(
+        build_app(cfg), name="scaled", route_prefix="/scaled", external_scaler_enabled=True
+    )
+    assert running_replicas("scaled", "scaled") == 1
+    scale_deployment("scaled", "scaled", 2)
+    took = asyncio.run(wait_for_replicas("scaled", "scaled", 2, timeout_s=60))
+    assert took >= 0
+    pids = {handle.pid.remote().result() for _ in range(40)}
+    assert len(pids) == 2  # both replicas serve
+    scale_deployment("scaled", "scaled", 1)
+    asyncio.run(wait_for_replicas("scaled", "scaled", 1, timeout_s=60))
+    assert handle.score.remote({"response": "1", "reference": "1"}).result()["reward"] == 1.0
+    serve.delete("scaled")
+
+
+def test_scaling_refused_without_external_scaler(rules):
+    from tangram_reward.serve_app import scale_deployment
+
+    with pytest.raises(Exception, match="external_scaler_enabled"):
+        scale_deployment("rules", "rules", 2)

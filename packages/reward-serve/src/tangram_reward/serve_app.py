@@ -14,6 +14,7 @@ HTTP callers on ``POST /<route>``, where a bad payload gets 422 with the field a
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -78,6 +79,10 @@ class RuleVerifier:
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
+
+    def pid(self) -> int:
+        """This replica's process id: tells replicas apart in tests and benchmarks."""
+        return os.getpid()
 
     async def __call__(self, http: Request) -> JSONResponse:
         try:
@@ -161,3 +166,46 @@ def build_app(config: RewardDeploymentConfig) -> Any:
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options=actor_options,
     ).bind(config)
+
+
+def scale_deployment(app: str, deployment: str, replicas: int) -> None:
+    """Set a deployment's replica count through Serve's external-scaling API.
+
+    This is the controller call behind Serve's REST route
+    ``POST /api/v1/applications/{app}/deployments/{dep}/scale``; calling it directly works
+    without the dashboard. The application must be deployed with
+    ``external_scaler_enabled=True``; otherwise Serve refuses with a message that says so.
+    """
+    if replicas < 0:
+        raise ValueError(f"replicas ({replicas}) must be >= 0")
+    import ray
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    ray.get(controller.update_deployment_replicas.remote(DeploymentID(deployment, app), replicas))
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    """Replicas of ``deployment`` in state RUNNING, from ``serve.status()``."""
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return 0
+    counts = status.deployments[deployment].replica_states
+    return int(counts.get("RUNNING", 0))
+
+
+async def wait_for_replicas(app: str, deployment: str, replicas: int, timeout_s: float) -> float:
+    """Wait until exactly ``replicas`` are RUNNING; returns the seconds it took."""
+    import asyncio
+    import time
+
+    t0 = time.monotonic()
+    while running_replicas(app, deployment) != replicas:
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(
+                f"{app}/{deployment}: {running_replicas(app, deployment)} replicas running "
+                f"after {timeout_s:.0f}s, wanted {replicas}"
+            )
+        await asyncio.sleep(0.05)
+    return time.monotonic() - t0
