@@ -82,12 +82,13 @@ def rule_throughput(serve: Any, n: int) -> dict[str, float]:
             f"rules_{label}",
             kind="rules",
             num_cpus=0.5,
+            num_replicas=2,  # one per core: math-verify is CPU work
             max_batch_size=batch,
             batch_wait_timeout_s=0.002,
             max_ongoing_requests=max(batch, 64),
         )
         asyncio.run(drive(lambda p, h=handle: h.score.remote(p), payloads[:200], 64))  # warm-up
-        out[label] = asyncio.run(drive(lambda p, h=handle: h.score.remote(p), payloads, 256))
+        out[label] = asyncio.run(drive(lambda p, h=handle: h.score.remote(p), payloads, 128))
         serve.delete(f"rules_{label}")
     return out
 
