@@ -51,6 +51,10 @@ SPAN_ROLLOUT: Final = "tangram.rollout"
 SPAN_TRAIN_STEP: Final = "tangram.train.step"
 SPAN_DEMO: Final = "tangram.demo"
 
+# Events on an action span: each start on a manager, and each retry after its worker died.
+EVENT_ACTION_START: Final = "tangram.action.start"
+EVENT_ACTION_RETRY: Final = "tangram.action.retry"
+
 # --- Tangram attributes ----------------------------------------------------------------------
 ACTION_ID: Final = "tangram.action.id"
 ACTION_KIND: Final = "tangram.action.kind"
@@ -62,6 +66,7 @@ STEP_ID: Final = "tangram.step.id"
 POLICY_VERSION: Final = "tangram.policy.version"
 POOL_NAME: Final = "tangram.pool.name"
 REWARD: Final = "tangram.reward"
+ACTION_ATTEMPTS: Final = "tangram.action.attempts"  # starts so far (retries after WorkerLost)
 
 # --- Tangram metrics -------------------------------------------------------------------------
 METRIC_ACTION_COMPLETION_TIME: Final = "tangram.action.completion_time"
