@@ -64,9 +64,13 @@ class PartitionedFifoScheduler(Scheduler):
     def set_capacity(
         self, capacity: Mapping[str, float], limits: Mapping[str, float] | None = None
     ) -> None:
-        raise TypeError(
-            "static baselines have fixed partitions by definition; build a new one to resize"
-        )
+        """Accepts only the capacity it already has: static partitions cannot be resized."""
+        mine = self.capacity()
+        if any(abs(capacity.get(r, 0.0) - v) > _EPS for r, v in mine.items()):
+            raise TypeError(
+                f"static baselines have fixed partitions (total {mine}); the pools report "
+                f"{dict(capacity)}: size the pools to match, or build a new baseline"
+            )
 
     def capacity(self) -> dict[str, float]:
         return _sum_partitions(self._caps)

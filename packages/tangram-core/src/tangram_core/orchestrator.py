@@ -411,6 +411,12 @@ class Orchestrator:
         await asyncio.wait([record.future])
         return True
 
+    def end_trajectory(self, trajectory_id: str) -> None:
+        """The trajectory is over: the scheduler frees anything it held for it. Action-level
+        scheduling holds nothing, but trajectory-bound baselines (static leases) need it."""
+        self.scheduler.trajectory_done(trajectory_id, time.monotonic())
+        self._pump()
+
     async def cancel_trajectory(self, trajectory_id: str, *, include_running: bool = True) -> int:
         """Cancel the trajectory's actions that are queued and, unless ``include_running`` is
         False, running; returns how many. Others are untouched. Returns once every cancelled
@@ -426,7 +432,7 @@ class Orchestrator:
             r for r in records if self._cancel(r, f"trajectory {trajectory_id!r} was cancelled")
         ]
         if include_running:
-            self.scheduler.trajectory_done(trajectory_id, time.monotonic())
+            self.end_trajectory(trajectory_id)
         if cancelled:
             await asyncio.wait([r.future for r in cancelled])
         return len(cancelled)
