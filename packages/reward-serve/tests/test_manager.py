@@ -1,0 +1,79 @@
+"""RewardManager under the real Orchestrator, on a real local Ray Serve."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tangram_core.actions import Action, ActionStatus
+from tangram_core.orchestrator import Orchestrator
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def rules_app(ray_session):
+    from ray import serve
+
+    from tangram_reward.serve_app import RewardDeploymentConfig, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+    cfg = RewardDeploymentConfig(name="mrules", kind="rules", num_cpus=0.25)
+    serve.run(build_app(cfg), name="mrules", route_prefix="/mrules", external_scaler_enabled=True)
+    yield "mrules"
+    serve.delete("mrules")
+
+
+def reward_action(response: str, reference: str, traj: str = "t") -> Action:
+    request = {"response": response, "reference": reference}
+    return Action(
+        kind="reward.rules", demand={"reward": 1}, trajectory_id=traj, payload={"request": request}
+    )
+
+
+def test_rewards_run_as_actions_and_the_pool_scales(rules_app):
+    from tangram_reward.manager import RewardManager, RewardManagerConfig
+
+    async def main() -> None:
+        manager = RewardManager(
+            RewardManagerConfig(app=rules_app, concurrency_per_replica=4, max_replicas=2)
+        )
+        assert manager.resources() == {"reward": 4.0}
+        assert manager.limits() == {"reward": 8.0}
+        async with Orchestrator([manager]) as orch:
+            actions = [
+                reward_action(rf"\boxed{{{i}}}", str(i if i % 2 else i + 1)) for i in range(20)
+            ]
+            results = await orch.submit_many(actions)
+            assert [r.status for r in results] == [ActionStatus.OK] * 20
+            assert [r.output["reward"] for r in results] == [float(i % 2) for i in range(20)]
+            await manager.scale_to(8)  # two replicas of 4 slots
+            assert manager.resources() == {"reward": 8.0}
+            orch.refresh()
+            assert orch.capacity()["reward"] == 8.0
+            bad = await orch.submit(
+                Action(
+                    kind="reward.rules",
+                    demand={"reward": 1},
+                    payload={"request": {"response": "1"}},
+                )
+            )
+            assert bad.status is ActionStatus.ERROR
+            assert bad.error_type == "ValueError"
+            assert "needs a non-empty 'reference'" in (bad.error or "")
+            with pytest.raises(ValueError, match="more than max_replicas"):
+                await manager.scale_to(40)
+            await manager.scale_to(4)
+            assert manager.resources() == {"reward": 4.0}
+
+    asyncio.run(main())
+
+
+def test_config_bounds_are_checked():
+    from pydantic import ValidationError
+
+    from tangram_reward.manager import RewardManagerConfig
+
+    with pytest.raises(ValidationError, match=r"max_replicas \(1\) must be >= min_replicas \(2\)"):
+        RewardManagerConfig(app="x", min_replicas=2, max_replicas=1)
