@@ -48,7 +48,7 @@ import signal
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -146,6 +146,28 @@ class InvalidPayload(ValueError):
     """An action's payload does not name a function this pool may run, or cannot be sent."""
 
 
+def parse_function_call(
+    action: Action, pool: str, allowed_functions: Sequence[str]
+) -> FunctionCall:
+    """Validate an action's payload as a :class:`FunctionCall` the pool may run; shared by every
+    pool that runs functions (local processes, Ray actors)."""
+    try:
+        call = FunctionCall.model_validate(action.payload)
+    except ValidationError as exc:
+        raise InvalidPayload(
+            f"action {action.id!r} ({action.kind}): pool {pool!r} needs "
+            f"payload={{'fn': 'module:function', 'args': [...], 'kwargs': {{...}}}}; "
+            f"{exc.error_count()} problem(s): "
+            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
+    if not any(fnmatch.fnmatchcase(call.fn, p) for p in allowed_functions):
+        raise InvalidPayload(
+            f"action {action.id!r} ({action.kind}): function {call.fn!r} is not allowed in "
+            f"pool {pool!r}; allowed_functions={list(allowed_functions)}"
+        )
+    return call
+
+
 def function_action(
     fn: str,
     *args: Any,
@@ -180,7 +202,7 @@ def _worker_main(conn: Connection) -> None:
             return
         action_id, fn_path, args, kwargs, units = msg
         try:
-            fn, wants_units = _resolve(fn_path, functions)
+            fn, wants_units = resolve_function(fn_path, functions)
             if wants_units:
                 kwargs = {**kwargs, "units": units}
             reply: tuple[Any, ...] = ("ok", action_id, fn(*args, **kwargs))
@@ -195,7 +217,7 @@ def _worker_main(conn: Connection) -> None:
             conn.send(_error_reply(action_id, error))
 
 
-def _resolve(
+def resolve_function(
     fn_path: str, cache: dict[str, tuple[Callable[..., Any], bool]]
 ) -> tuple[Callable[..., Any], bool]:
     """Import ``module:qualname`` once per worker; also say whether it takes ``units``."""
@@ -476,22 +498,7 @@ class ProcessPoolManager(ResourceManager):
     # -- internals -------------------------------------------------------------------------------
 
     def _parse(self, action: Action) -> FunctionCall:
-        try:
-            call = FunctionCall.model_validate(action.payload)
-        except ValidationError as exc:
-            raise InvalidPayload(
-                f"action {action.id!r} ({action.kind}): process pool {self.name!r} needs "
-                f"payload={{'fn': 'module:function', 'args': [...], 'kwargs': {{...}}}}; "
-                f"{exc.error_count()} problem(s): "
-                + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            ) from None
-        if not any(fnmatch.fnmatchcase(call.fn, p) for p in self.config.allowed_functions):
-            raise InvalidPayload(
-                f"action {action.id!r} ({action.kind}): function {call.fn!r} is not allowed in "
-                f"process pool {self.name!r}; allowed_functions="
-                f"{list(self.config.allowed_functions)}"
-            )
-        return call
+        return parse_function_call(action, self.name, self.config.allowed_functions)
 
     def _spawn(self) -> None:
         assert self._loop is not None
