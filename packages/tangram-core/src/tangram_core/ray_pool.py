@@ -114,7 +114,7 @@ class RayActorPoolManager(ResourceManager):
         await self._grow()
 
     async def _grow(self) -> None:
-        new = [self._actor_cls.remote() for _ in range(self._target - self._size())]
+        new: list[Any] = [self._actor_cls.remote() for _ in range(self._target - self._size())]
         if new:
             await asyncio.gather(*[a.pid.remote() for a in new])  # ready when it answers
             self._idle.extend(new)
