@@ -43,3 +43,40 @@ def test_static_baseline_refuses_a_pool_of_another_size():
 
     with pytest.raises(TypeError, match="fixed partitions"):
         asyncio.run(main())
+
+
+def test_queue_utilisation_capacity_and_scale_metrics(metric_reader):
+    async def main() -> None:
+        pool = ProcessPoolManager(workers=1, max_workers=2)
+        async with Orchestrator([pool]) as orch:
+            long = asyncio.ensure_future(orch.submit(function_action(SLEEP, 0.5)))
+            waiting = asyncio.ensure_future(orch.submit(function_action(SLEEP, 0.01)))
+            await asyncio.sleep(0.2)
+            me = ("tangram.orchestrator", orch.name)
+            cpu = ("tangram.resource.type", "cpu")
+            points = _points(metric_reader)
+            assert points[("tangram.queue.length", (me,))] == 1
+            assert points[("tangram.resource.utilisation", (me, cpu))] == 1.0
+            await orch.scale_to(pool.name, 2)
+            await asyncio.gather(long, waiting)
+            points = _points(metric_reader)
+            assert points[("tangram.pool.capacity", (me, cpu))] == 2.0
+            assert points[("tangram.queue.length", (me,))] == 0
+            scale = [v for (name, _), v in points.items() if name == "tangram.pool.scale_events"]
+            assert scale
+            assert sum(scale) >= 1
+
+    asyncio.run(main())
+
+
+def _points(reader) -> dict:
+    """Latest value of every data point, keyed by (metric name, sorted attributes)."""
+    out: dict = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                for point in metric.data.data_points:
+                    if hasattr(point, "value"):
+                        out[(metric.name, tuple(sorted(point.attributes.items())))] = point.value
+    return out

@@ -39,14 +39,17 @@ import asyncio
 import collections
 import contextvars
 import functools
+import itertools
 import logging
 import time
+import weakref
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -227,6 +230,12 @@ class Orchestrator:
             description="From submission to the start of the action's last run; recorded when "
             "it ends, for every action that started.",
         )
+        self._scale_events = meter.create_counter(
+            sc.METRIC_SCALE_EVENTS, description="Pool resizes requested, by manager and direction."
+        )
+        self.name = f"orchestrator-{next(_names)}"
+        _LIVE.add(self)
+        _ensure_gauges()
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -315,7 +324,11 @@ class Orchestrator:
         by_name = {m.name: m for m in self._managers}
         if manager not in by_name:
             raise KeyError(f"no resource manager named {manager!r}; have {sorted(by_name)}")
+        before = by_name[manager].resources()
         await by_name[manager].scale_to(n_units)
+        after = by_name[manager].resources()
+        direction = "up" if sum(after.values()) > sum(before.values()) else "down"
+        self._scale_events.add(1, {sc.POOL_NAME: manager, "direction": direction})
         self.refresh()
 
     def refresh(self) -> None:
@@ -781,6 +794,60 @@ class Orchestrator:
             result.act_s, {sc.ACTION_KIND: action.kind, sc.ACTION_STATUS: status.value}
         )
         return result
+
+
+# -- process-wide gauges ------------------------------------------------------------------------
+# OpenTelemetry keeps the first registration of an instrument name, so the gauges exist once
+# per process and report every live orchestrator, each under its own name. They are read when
+# the SDK collects, so they cost nothing on the hot path.
+
+_LIVE: weakref.WeakSet[Orchestrator] = weakref.WeakSet()
+_names = itertools.count()
+_gauges_made = False
+
+
+def _observe_queue(_options: CallbackOptions) -> Iterable[Observation]:
+    for orch in list(_LIVE):
+        yield Observation(orch.scheduler.queued, {sc.ORCHESTRATOR: orch.name})
+
+
+def _observe_utilisation(_options: CallbackOptions) -> Iterable[Observation]:
+    for orch in list(_LIVE):
+        usage, cap = orch.scheduler.usage(), orch.scheduler.capacity()
+        for resource, total in cap.items():
+            if total > 0:
+                attrs = {sc.ORCHESTRATOR: orch.name, sc.RESOURCE_TYPE: resource}
+                yield Observation(usage.get(resource, 0.0) / total, attrs)
+
+
+def _observe_capacity(_options: CallbackOptions) -> Iterable[Observation]:
+    for orch in list(_LIVE):
+        for resource, total in orch.scheduler.capacity().items():
+            yield Observation(total, {sc.ORCHESTRATOR: orch.name, sc.RESOURCE_TYPE: resource})
+
+
+def _ensure_gauges() -> None:
+    global _gauges_made
+    if _gauges_made:
+        return
+    _gauges_made = True
+    meter = get_meter()
+    meter.create_observable_gauge(
+        sc.METRIC_QUEUE_LENGTH,
+        callbacks=[_observe_queue],
+        description="Actions admitted and waiting for units.",
+    )
+    meter.create_observable_gauge(
+        sc.METRIC_RESOURCE_UTILISATION,
+        callbacks=[_observe_utilisation],
+        unit="1",
+        description="Share of each resource type's capacity in use.",
+    )
+    meter.create_observable_gauge(
+        sc.METRIC_POOL_CAPACITY,
+        callbacks=[_observe_capacity],
+        description="Units each resource type has now.",
+    )
 
 
 def _check_managers(managers: Sequence[ResourceManager]) -> None:

@@ -72,6 +72,11 @@ ACTION_ATTEMPTS: Final = "tangram.action.attempts"  # starts so far (retries aft
 METRIC_ACTION_COMPLETION_TIME: Final = "tangram.action.completion_time"
 METRIC_ACTION_QUEUE_WAIT: Final = "tangram.action.queue_wait"
 METRIC_POOL_CAPACITY: Final = "tangram.pool.capacity"
+METRIC_QUEUE_LENGTH: Final = "tangram.queue.length"
+METRIC_RESOURCE_UTILISATION: Final = "tangram.resource.utilisation"
+METRIC_SCALE_EVENTS: Final = "tangram.pool.scale_events"
+RESOURCE_TYPE: Final = "tangram.resource.type"
+ORCHESTRATOR: Final = "tangram.orchestrator"
 
 
 def gen_ai_span_name(operation: str, target: str | None) -> str:
