@@ -270,11 +270,17 @@ class ElasticScheduler(Scheduler):
         return None if run is None else run.units
 
     def queued_demand(self) -> dict[str, float]:
-        """Minimum demand of everything queued, per resource type (for autoscaling)."""
         total: dict[str, float] = {}
         for item in self._queued.values():
             for r, d in item.spec.demand:
                 total[r] = total.get(r, 0.0) + d * item.spec.min_units
+        return total
+
+    def queued_work_s(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for item in self._queued.values():
+            for r, d in item.spec.demand:
+                total[r] = total.get(r, 0.0) + item.est_t1 * d
         return total
 
     # -- the decision ----------------------------------------------------------------------------

@@ -149,6 +149,14 @@ class Scheduler(abc.ABC):
         ignore it; trajectory-bound provisioning (the static baseline) frees the trajectory's
         sandbox here."""
 
+    def queued_demand(self) -> dict[str, float]:
+        """Minimum units the queued actions need, per resource type (autoscaling input)."""
+        return {}
+
+    def queued_work_s(self) -> dict[str, float]:
+        """Estimated single-unit seconds of work waiting, per resource type (autoscaling input)."""
+        return {}
+
     @property
     @abc.abstractmethod
     def queued(self) -> int: ...
