@@ -24,7 +24,7 @@ setup:
 	@$(PYTHON) tools/setup_env.py --target $(TARGET) --venv $(VENV)
 
 models: setup
-	@$(PY) tools/models/build.py all
+	@$(PY) tools/models/build_models.py all
 
 test: setup models
 	@$(PY) -m pytest $(PYTEST_ARGS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,14 +28,10 @@ pytest_plugins = ["tangram_core.testing", "pytester"]
 
 def _model(name: str) -> Path:
     """Build (once, cached across sessions) and return an offline model fixture."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tools/models/build.py"), name, "--print-path"],
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"building model fixture {name!r} failed:\n{out.stderr[-4000:]}")
-    return Path(out.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, str(ROOT / "tools" / "models"))
+    from build_models import ensure
+
+    return Path(ensure(name))
 
 
 @pytest.fixture(scope="session")

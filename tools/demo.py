@@ -21,7 +21,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -71,13 +70,11 @@ def group_advantages(rewards: list[float]) -> list[float]:
 
 
 def model_path() -> Path:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tools/models/build.py"), "smollm2", "--print-path"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
+    """SmolLM2, built offline by tools/models on first use."""
+    sys.path.insert(0, str(ROOT / "tools" / "models"))
+    from build_models import ensure
+
+    return Path(ensure("smollm2"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,13 +21,13 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -139,13 +139,10 @@ def scale_up(serve: Any, name: str, **fields: Any) -> dict[str, float]:
 
 
 def model_path() -> Path:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tools/models/build.py"), "tiny-rm", "--print-path"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, str(ROOT / "tools" / "models"))
+    from build_models import ensure
+
+    return Path(ensure("tiny-rm"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    import importlib.metadata as md
-
     result = {
         "benchmark": "reward_serve",
         "quick": args.quick,
@@ -203,13 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale_up_seconds": scale_rules["to_first_request_s"],
         "scale_up": {"rules": scale_rules, "scalar_rm": scale_rm},
         "targets": {"rule_rps": 400, "batched_speedup": 5.0},
-        "versions": {
-            "python": platform.python_version(),
-            "ray": md.version("ray"),
-            "torch": md.version("torch"),
-            "transformers": md.version("transformers"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        },
+        "versions": machine_info("ray", "torch", "transformers", "math-verify"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

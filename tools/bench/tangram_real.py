@@ -21,13 +21,13 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _machine import machine_info
 
 from tangram_core.actions import Action, ActionResult
 from tangram_core.baselines import StaticLeaseScheduler
@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mean_units']:.2f}, step {r['step_s']:.2f}s"
         )
     print(f"ACT ratio vs static: x{ratio:.2f}; step x{static['step_s'] / ours['step_s']:.2f}")
-    import importlib.metadata as md
-
     result = {
         "benchmark": "tangram_real",
         "act_ratio_vs_static": ratio,
@@ -124,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "static": static,
         "tangram": ours,
         "setting": f"{n} trajectories, {n} worker processes; static: one 1-unit sandbox each",
-        "versions": {
-            "python": platform.python_version(),
-            "tangram-core": md.version("tangram-core"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        },
+        "versions": machine_info("tangram-core"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -21,10 +21,11 @@ import argparse
 import collections
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _machine import machine_info
 
 from tangram_core.baselines import StaticLeaseScheduler, isolated_per_kind
 from tangram_core.elastic_scheduler import ElasticScheduler
@@ -203,18 +204,6 @@ def cluster_scale(n_actions: int) -> dict:
     }
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    return {
-        "python": platform.python_version(),
-        "tangram-core": md.version("tangram-core"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{__import__('os').cpu_count()} cores",
-        "platform": platform.platform(),
-    }
-
-
 def run_workload(name: str, w: CodeAgentWorkload) -> dict:
     """The provisioning grid and the equal-p50 saving for one workload, printed as a table."""
     steps = code_agent_steps(w)
@@ -300,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": per_workload,
         "scheduler_speed": speed,
         "cluster": cluster,
-        "versions": versions(),
+        "versions": machine_info("tangram-core"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))

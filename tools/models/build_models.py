@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Build the offline model fixtures that tests and the demo use, idempotently.
 
-    python tools/models/build.py all            # both models
-    python tools/models/build.py tiny --print-path
+    python tools/models/build_models.py all            # every model
+    python tools/models/build_models.py tiny --print-path
 
 Models land in ``$TANGRAM_MODELS_DIR`` (default ``<repo>/.cache/models``, not in git). A model
 is rebuilt only when its builder's source changes: each checkpoint records the hash of the code
