@@ -22,7 +22,7 @@ def rules_app(ray_session):
     cfg = RewardDeploymentConfig(name="mrules", kind="rules", num_cpus=0.25)
     serve.run(build_app(cfg), name="mrules", route_prefix="/mrules", external_scaler_enabled=True)
     yield "mrules"
-    serve.delete("mrules")
+    serve.shutdown()  # the next module starts Serve with its own HTTP options
 
 
 def reward_action(response: str, reference: str, traj: str = "t") -> Action:

@@ -24,6 +24,7 @@ def serve_instance(ray_session):
     from ray import serve
 
     port = _free_port()
+    serve.shutdown()  # an earlier module's Serve would keep its own HTTP port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield serve, port
     serve.shutdown()
