@@ -1,0 +1,134 @@
+"""``tangram-reward``: run reward deployments declared in YAML, ``serve run``-style.
+
+    tangram-reward check rewards.yaml          # validate only; no Ray needed
+    tangram-reward serve rewards.yaml          # start local Ray + Serve on 127.0.0.1, print health
+    tangram-reward serve rewards.yaml --once   # ... and exit once every deployment is healthy
+
+The file holds a list of deployments, each a :class:`RewardDeploymentConfig`::
+
+    deployments:
+      - {name: rules, kind: rules, num_cpus: 0.5}
+      - {name: rm, kind: scalar_rm, model_path: /models/rm, max_batch_size: 32, num_gpus: 0.25}
+
+A bad file exits with status 2 and names the deployment, the field and the rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from tangram_reward.serve_app import RewardDeploymentConfig
+
+
+class RewardServeFile(BaseModel):
+    """The whole YAML file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    deployments: list[dict[str, object]] = Field(min_length=1)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RewardServeFile:
+        names = [d.get("name") for d in self.deployments]
+        dup = sorted({str(n) for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"deployment names must be unique; repeated: {dup}")
+        return self
+
+
+def load_config(path: Path) -> tuple[RewardServeFile, list[RewardDeploymentConfig]]:
+    """Parse and validate the file; errors name the deployment index, field and rule."""
+    import yaml
+
+    from tangram_reward.serve_app import RewardDeploymentConfig
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        top = RewardServeFile.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {_first_error(exc)}") from None
+    configs: list[RewardDeploymentConfig] = []
+    for i, entry in enumerate(top.deployments):
+        try:
+            configs.append(RewardDeploymentConfig.model_validate(entry))
+        except ValidationError as exc:
+            raise ValueError(
+                f"{path}: deployments[{i}] ({entry.get('name', '?')}): {_first_error(exc)}"
+            ) from None
+    return top, configs
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    return f"{field}: {err['msg']}" if field else str(err["msg"])  # cross-field: no location
+
+
+def _serve(path: Path, once: bool) -> int:
+    import ray
+    from ray import serve
+
+    from tangram_reward.serve_app import build_app, running_replicas
+
+    top, configs = load_config(path)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": top.http_host, "port": top.http_port})
+    try:
+        for cfg in configs:
+            serve.run(
+                build_app(cfg),
+                name=cfg.name,
+                route_prefix=f"/{cfg.name}",
+                external_scaler_enabled=True,
+            )
+        print(f"{'deployment':<20} {'kind':<10} {'replicas':>8}  route")
+        for cfg in configs:
+            n = running_replicas(cfg.name, cfg.name)
+            url = f"http://{top.http_host}:{top.http_port}/{cfg.name}"
+            print(f"{cfg.name:<20} {cfg.kind:<10} {n:>8}  {url}")
+        if once:
+            return 0
+        print("serving; Ctrl-C to stop")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tangram-reward", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a deployments file")
+    check.add_argument("config", type=Path)
+    run = sub.add_parser("serve", help="run the deployments locally and print their health")
+    run.add_argument("config", type=Path)
+    run.add_argument("--once", action="store_true", help="exit once all are healthy")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            _, configs = load_config(args.config)
+            print(f"{args.config}: {len(configs)} deployment(s) OK")
+            return 0
+        return _serve(args.config, args.once)
+    except (OSError, ValueError) as exc:
+        print(f"tangram-reward {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`tangram-reward check` and `serve --once`, run as a user runs them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tangram_reward.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("deployments: []", "deployments: List should have at least 1 item"),
+        ("deployments:\n  - {name: a, kind: rules, colour: red}", "deployments[0] (a): colour"),
+        (
+            "deployments:\n  - {name: rm, kind: scalar_rm}",
+            "deployments[0] (rm): Value error, deployment 'rm': kind 'scalar_rm' needs model_path",
+        ),
+        ("deployments:\n  - {name: a, kind: rules}\n  - {name: a, kind: rules}", "repeated: ['a']"),
+        ("deployments: [", "not valid YAML"),
+    ],
+)
+def test_check_names_the_problem(tmp_path, yaml_text, message):
+    path = tmp_path / "rewards.yaml"
+    path.write_text(yaml_text)
+    out = cli("check", str(path))
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_check_accepts_a_good_file(tmp_path, tiny_rm_dir):
+    path = tmp_path / "rewards.yaml"
+    path.write_text(
+        f"deployments:\n  - {{name: rules, kind: rules}}\n"
+        f"  - {{name: rm, kind: scalar_rm, model_path: {tiny_rm_dir}}}\n"
+    )
+    out = cli("check", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "2 deployment(s) OK" in out.stdout
+
+
+@pytest.mark.slow
+def test_serve_once_starts_and_reports_health(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "rewards.yaml"
+    path.write_text(
+        f"http_port: {port}\ndeployments:\n  - {{name: rules, kind: rules, num_cpus: 0.25}}\n"
+    )
+    out = cli("serve", str(path), "--once", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"http://127.0.0.1:{port}/rules" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("rules"))
+    assert row.split()[2] == "1"  # one replica running
