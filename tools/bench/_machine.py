@@ -1,10 +1,13 @@
-"""Machine and version facts that every benchmark result records (shared by tools/bench/*)."""
+"""What every benchmark result shares: machine and version facts, and how it is written."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import platform
+from pathlib import Path
+from typing import Any
 
 
 def machine_info(*distributions: str) -> dict[str, str]:
@@ -20,3 +23,10 @@ def machine_info(*distributions: str) -> dict[str, str]:
         except md.PackageNotFoundError:
             info[dist] = "not installed"
     return info
+
+
+def write_result(result: dict[str, Any], path: Path) -> None:
+    """Write a benchmark's JSON result (creating its folder) and say where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {path}")

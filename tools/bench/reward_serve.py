@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import machine_info
+from _machine import machine_info, write_result
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -200,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"rule_rps": 400, "batched_speedup": 5.0},
         "versions": machine_info("ray", "torch", "transformers", "math-verify"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

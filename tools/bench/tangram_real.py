@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import machine_info
+from _machine import machine_info, write_result
 
 from tangram_core.actions import Action, ActionResult
 from tangram_core.baselines import StaticLeaseScheduler
@@ -124,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "setting": f"{n} trajectories, {n} worker processes; static: one 1-unit sandbox each",
         "versions": machine_info("tangram-core"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
-from _machine import machine_info
+from _machine import machine_info, write_result
 
 from tangram_core.baselines import StaticLeaseScheduler, isolated_per_kind
 from tangram_core.elastic_scheduler import ElasticScheduler
@@ -291,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "cluster": cluster,
         "versions": machine_info("tangram-core"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -18,6 +17,7 @@ from tangram_core.actions import Action, ActionResult, ActionStatus
 from tangram_core.elasticity import Amdahl, Elasticity
 from tangram_core.orchestrator import Orchestrator, OrchestratorConfig, QueueFull
 from tangram_core.process_pool import ProcessPoolConfig, ProcessPoolManager, function_action
+from tangram_core.testing import pid_alive
 
 SLEEP = "tangram_core.process_pool:sleep_task"
 CPU = "tangram_core.process_pool:cpu_task"
@@ -27,17 +27,6 @@ def sleep(seconds: float, **fields: object) -> Action:
     """A sleep action whose estimate is its true duration (unless the test says otherwise)."""
     fields.setdefault("estimated_duration_s", max(seconds, 0.01))
     return function_action(SLEEP, seconds, **fields)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def assert_gone(pids: list[int]) -> None:

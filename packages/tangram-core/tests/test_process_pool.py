@@ -10,7 +10,6 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -22,21 +21,10 @@ from tangram_core.process_pool import (
     function_action,
 )
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
+from tangram_core.testing import pid_alive
 
 SLEEP = "tangram_core.process_pool:sleep_task"
 CPU = "tangram_core.process_pool:cpu_task"
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -191,3 +193,15 @@ def make_scheduler(capacity: dict[str, float] | None = None, **config: Any) -> A
     from tangram_core.elastic_scheduler import ElasticConfig, ElasticScheduler
 
     return ElasticScheduler(capacity or {"cpu": 4.0}, config=ElasticConfig(**config))
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone); tests use it to prove no process leaks."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
