@@ -50,6 +50,8 @@ SPAN_SCHEDULER_PLAN: Final = "tangram.scheduler.plan"
 SPAN_ROLLOUT: Final = "tangram.rollout"
 SPAN_TRAIN_STEP: Final = "tangram.train.step"
 SPAN_DEMO: Final = "tangram.demo"
+SPAN_SANDBOX_RUN: Final = "tangram.sandbox.run"
+SPAN_SANDBOX_RUN_TESTS: Final = "tangram.sandbox.run_tests"
 
 # Events on an action span: each start on a manager, and each retry after its worker died.
 EVENT_ACTION_START: Final = "tangram.action.start"
@@ -67,6 +69,14 @@ POLICY_VERSION: Final = "tangram.policy.version"
 POOL_NAME: Final = "tangram.pool.name"
 REWARD: Final = "tangram.reward"
 ACTION_ATTEMPTS: Final = "tangram.action.attempts"  # starts so far (retries after WorkerLost)
+SANDBOX_LANGUAGE: Final = "tangram.sandbox.language"
+SANDBOX_STATUS: Final = "tangram.sandbox.status"
+SANDBOX_QUEUE_WAIT_S: Final = "tangram.sandbox.queue_wait_s"
+SANDBOX_WALL_S: Final = "tangram.sandbox.wall_s"
+SANDBOX_CPU_S: Final = "tangram.sandbox.cpu_s"
+SANDBOX_TESTS: Final = "tangram.sandbox.tests"
+SANDBOX_PASS_FRACTION: Final = "tangram.sandbox.pass_fraction"
+SANDBOX_WORKER_PID: Final = "tangram.sandbox.worker.pid"
 
 # --- Tangram metrics -------------------------------------------------------------------------
 METRIC_ACTION_COMPLETION_TIME: Final = "tangram.action.completion_time"

@@ -1,0 +1,224 @@
+"""Requests, limits and results of the sandbox API: the edge where user input is validated.
+
+Every request is a pydantic model with ``extra="forbid"``, so a misspelt field is an error that
+names it, not a silently ignored setting. Limits in a request are clamped to the pool's maxima
+(:meth:`Limits.clamp`), so a client cannot ask for more than the operator allows.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "CallTest",
+    "Language",
+    "Limits",
+    "RunRequest",
+    "RunResult",
+    "RunStatus",
+    "RunTestsRequest",
+    "RunTestsResult",
+    "StdinTest",
+    "TestVerdict",
+    "outputs_match",
+    "values_match",
+]
+
+Language = Literal["python", "cpp", "bash"]
+
+
+class RunStatus(enum.StrEnum):
+    """How an execution ended. ``sandbox_error`` is the infrastructure's failure, never the
+    program's: a trainer must not score it as 0 (retry it, or drop the sample)."""
+
+    OK = "ok"
+    RUNTIME_ERROR = "runtime_error"
+    COMPILE_ERROR = "compile_error"
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory_limit"
+    SANDBOX_ERROR = "sandbox_error"
+
+
+class Limits(BaseModel):
+    """Resource limits of one execution (one test case, for ``run_tests``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    wall_s: float = Field(10.0, gt=0, le=3600, description="Wall-clock limit.")
+    cpu_s: float | None = Field(
+        None, gt=0, le=3600, description="CPU-time limit (RLIMIT_CPU); defaults to wall_s."
+    )
+    memory_mb: int = Field(
+        1024, ge=32, le=1 << 20, description="Address space (RLIMIT_AS) and cgroup memory."
+    )
+    processes: int = Field(64, ge=1, le=4096, description="Processes of the slot uid.")
+    open_files: int = Field(256, ge=16, le=1 << 16, description="RLIMIT_NOFILE.")
+    file_size_mb: int = Field(64, ge=0, le=1 << 16, description="Largest file written.")
+    output_bytes: int = Field(
+        1 << 20, ge=0, le=1 << 28, description="stdout and stderr kept, each; then truncated."
+    )
+
+    def effective_cpu_s(self) -> float:
+        return self.cpu_s if self.cpu_s is not None else self.wall_s
+
+    def clamp(self, maximum: Limits) -> Limits:
+        """Each limit capped at the server's maximum."""
+        return Limits(
+            wall_s=min(self.wall_s, maximum.wall_s),
+            cpu_s=min(self.effective_cpu_s(), maximum.effective_cpu_s()),
+            memory_mb=min(self.memory_mb, maximum.memory_mb),
+            processes=min(self.processes, maximum.processes),
+            open_files=min(self.open_files, maximum.open_files),
+            file_size_mb=min(self.file_size_mb, maximum.file_size_mb),
+            output_bytes=min(self.output_bytes, maximum.output_bytes),
+        )
+
+    def wire(self) -> dict[str, Any]:
+        return dict(self.model_dump(), cpu_s=self.effective_cpu_s())
+
+
+def _check_files(files: dict[str, str]) -> dict[str, str]:
+    for name, content in files.items():
+        parts = name.split("/")
+        if not name or name.startswith("/") or ".." in parts:
+            raise ValueError(f"file name {name!r} must be a relative path without '..'")
+        if name in ("main.py", "main.cpp", "main.sh", "main"):
+            raise ValueError(f"file name {name!r} is reserved for the program itself")
+        try:
+            base64.b64decode(content, validate=True)
+        except ValueError as exc:
+            raise ValueError(f"file {name!r} is not valid base64: {exc}") from None
+    return files
+
+
+class _CodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(..., max_length=1 << 20, description="The program's source.")
+    language: Language = "python"
+    files: dict[str, str] = Field(
+        default_factory=dict, description="Extra files for the working directory, base64."
+    )
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("files")
+    @classmethod
+    def _valid_files(cls, files: dict[str, str]) -> dict[str, str]:
+        return _check_files(files)
+
+
+class RunRequest(_CodeRequest):
+    """One execution: ``run(code, language, stdin, files, limits)``."""
+
+    stdin: str = Field("", max_length=1 << 26)
+    fetch_files: list[str] = Field(
+        default_factory=list, max_length=64, description="Files to return after the run."
+    )
+
+
+class StdinTest(BaseModel):
+    """Feed ``stdin``; pass when stdout equals ``expected_stdout`` (trailing spaces ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+    stdin: str = Field("", max_length=1 << 26)
+    expected_stdout: str = Field(..., max_length=1 << 26)
+
+
+class CallTest(BaseModel):
+    """Call ``fn(*args, **kwargs)`` after running the code; pass when it returns ``expected``
+    (JSON values; floats within ``rel_tol``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    fn: str = Field(..., pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    expected: Any = None
+
+
+class RunTestsRequest(_CodeRequest):
+    """A whole batch of test cases against one program, in one request."""
+
+    tests: list[StdinTest | CallTest] = Field(..., min_length=1, max_length=10_000)
+    stop_on_first_failure: bool = False
+    rel_tol: float = Field(1e-6, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _calls_need_python(self) -> RunTestsRequest:
+        if self.language != "python" and any(isinstance(t, CallTest) for t in self.tests):
+            raise ValueError(f"function-call tests need language='python', not {self.language!r}")
+        return self
+
+
+class RunResult(BaseModel):
+    """The outcome of one execution."""
+
+    status: RunStatus
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    max_rss_mb: float = 0.0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    files: dict[str, str] = Field(default_factory=dict, description="Fetched files, base64.")
+    error: str | None = Field(None, description="Why, for compile and sandbox errors.")
+    queue_wait_s: float = 0.0
+
+
+class TestVerdict(BaseModel):
+    """One test case's verdict."""
+
+    index: int
+    passed: bool
+    status: RunStatus
+    stdout: str = ""
+    stderr: str = ""
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    message: str | None = None
+
+
+class RunTestsResult(BaseModel):
+    """Per-test verdicts plus the pass fraction. ``status`` is ``ok`` when every test ran
+    (passed or not), ``compile_error`` when nothing could run, ``sandbox_error`` when the
+    infrastructure failed (then ``pass_fraction`` must not be used as a reward)."""
+
+    status: RunStatus
+    passed: int
+    total: int
+    pass_fraction: float
+    verdicts: list[TestVerdict]
+    error: str | None = None
+    wall_s: float = 0.0
+    queue_wait_s: float = 0.0
+
+
+def outputs_match(actual: str, expected: str) -> bool:
+    """Judge-style comparison: equal line by line, ignoring trailing whitespace and blank
+    trailing lines (what Codeforces-style checkers and SandboxFusion accept)."""
+    a = [line.rstrip() for line in actual.rstrip().splitlines()]
+    e = [line.rstrip() for line in expected.rstrip().splitlines()]
+    return a == e
+
+
+def values_match(actual: Any, expected: Any, rel_tol: float = 1e-6) -> bool:
+    """JSON-value equality, with floats compared to ``rel_tol`` (and 1e-9 absolute)."""
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return actual is expected
+    if isinstance(actual, int | float) and isinstance(expected, int | float):
+        if isinstance(actual, int) and isinstance(expected, int):
+            return actual == expected
+        return math.isclose(actual, expected, rel_tol=rel_tol, abs_tol=1e-9)
+    if isinstance(actual, list) and isinstance(expected, list | tuple):
+        return len(actual) == len(expected) and all(
+            values_match(a, e, rel_tol) for a, e in zip(actual, expected, strict=True)
+        )
+    if isinstance(actual, dict) and isinstance(expected, dict):
+        return actual.keys() == expected.keys() and all(
+            values_match(actual[k], expected[k], rel_tol) for k in actual
+        )
+    return bool(actual == expected)

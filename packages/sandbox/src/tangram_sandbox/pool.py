@@ -1,0 +1,577 @@
+"""The warm sandbox pool: zygote workers, a bounded queue, scaling, and the async API.
+
+Why one request per worker at a time: a worker is one CPU slot under one uid, which is the
+unit tangram-core schedules (one ``cpu`` per unit of demand). The pool itself runs no user
+code; it validates requests, hands them to workers, judges test outputs (expected outputs
+never enter a sandbox) and turns every infrastructure failure into ``sandbox_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import logging
+import os
+import signal
+import time
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+from opentelemetry.trace import Status, StatusCode
+
+from tangram_core import semconv
+from tangram_core.telemetry import get_tracer
+from tangram_sandbox.capabilities import Capabilities, capabilities
+from tangram_sandbox.config import PoolConfig
+from tangram_sandbox.models import (
+    CallTest,
+    Limits,
+    RunRequest,
+    RunResult,
+    RunStatus,
+    RunTestsRequest,
+    RunTestsResult,
+    TestVerdict,
+    outputs_match,
+    values_match,
+)
+from tangram_sandbox.worker import SlotLeases, WorkerDied, ZygoteWorker
+
+__all__ = ["QueueFull", "SandboxPool", "SandboxUnavailable"]
+
+logger = logging.getLogger(__name__)
+_MAX_START_FAILURES = 3
+_SOURCE = {"python": "main.py", "cpp": "main.cpp", "bash": "main.sh"}
+
+
+class SandboxUnavailable(RuntimeError):
+    """The pool cannot run anything: isolation refused (strict mode), or workers fail to start."""
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than ``max_queue`` allows; nothing was queued."""
+
+
+class SandboxPool:
+    """A pool of warm zygote workers. Use ``async with SandboxPool(config) as pool``."""
+
+    def __init__(self, config: PoolConfig | None = None, **overrides: Any) -> None:
+        self.config = config or PoolConfig(**overrides)
+        if config is not None and overrides:
+            self.config = config.model_copy(update=overrides)
+        self._workers: set[ZygoteWorker] = set()
+        self._idle: collections.deque[ZygoteWorker] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[ZygoteWorker]] = collections.deque()
+        self._starting = 0
+        self._target = self.config.min_workers
+        self._closed = False
+        self._start_failures = 0
+        self._broken: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._leases: SlotLeases | None = None
+        self._apply: dict[str, bool] = {}
+        self.caps: Capabilities | None = None
+        self.replaced = 0  # workers replaced after dying
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> SandboxPool:
+        """Check isolation, then start ``min_workers`` and wait until they are warm."""
+        loop = asyncio.get_running_loop()
+        caps = await loop.run_in_executor(
+            None, capabilities, self.config.python, self.config.uid_base
+        )
+        self.caps = caps
+        missing = [
+            m for m in caps.missing() if not (m.startswith("cgroup") and not self.config.cgroups)
+        ]
+        if missing and self.config.isolation == "strict":
+            raise SandboxUnavailable(
+                "isolation='strict' but these layers are unavailable: "
+                + ", ".join(f"{m} ({caps.layer(m).detail})" for m in missing)
+            )
+        if missing:
+            msg = (
+                "sandbox pool runs WITHOUT these isolation layers: "
+                + ", ".join(f"{m} ({caps.layer(m).detail})" for m in missing)
+                + "; pass isolation='strict' to refuse instead"
+            )
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if not caps.available("mount_ns") or not caps.available("private_tmp"):
+            raise SandboxUnavailable(
+                "the sandbox needs a mount namespace and tmpfs for each execution's private "
+                f"working directory: {caps.layer('mount_ns').detail}"
+            )
+        self._apply = {
+            name: caps.available(name)
+            for name in ("slot_uid", "user_ns", "seccomp", "pid_ns", "mount_ns")
+        }
+        use = {
+            "memory": self.config.cgroups and caps.available("cgroup_memory"),
+            "pids": self.config.cgroups and caps.available("cgroup_pids"),
+        }
+        os.makedirs(self.config.cache_dir, mode=0o700, exist_ok=True)
+        self._leases = SlotLeases(self.config, use)
+        self._fill()
+        await self._wait_warm(self.config.min_workers)
+        return self
+
+    async def __aenter__(self) -> SandboxPool:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop accepting work; with ``drain`` let running executions finish, then stop workers."""
+        self._closed = True
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(SandboxUnavailable("sandbox pool closed"))
+        self._waiters.clear()
+        if not drain:
+            for worker in list(self._workers):
+                worker.kill()
+        deadline = time.monotonic() + self.config.max_limits.wall_s + self.config.grace_s
+        while any(w.busy for w in self._workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in list(self._tasks):
+            task.cancel()
+        for worker in list(self._workers):
+            await self._retire(worker)
+
+    # --- size ---------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Workers that are up (busy or idle)."""
+        return len(self._workers)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self._workers if w.busy)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker."""
+        return len(self._waiters)
+
+    @property
+    def target(self) -> int:
+        return self._target
+
+    def healthy(self) -> bool:
+        return self._broken is None and not self._closed and self.size >= self._target
+
+    async def scale_to(self, n: int) -> None:
+        """Grow or shrink to ``n`` workers (at least ``min_workers``). Busy workers that are
+        over the target leave when their execution ends; nothing running is interrupted."""
+        if n > self.config.max_workers or n < 0:
+            raise ValueError(f"scale_to({n}) outside [0, max_workers={self.config.max_workers}]")
+        self._target = max(n, self.config.min_workers)
+        self._fill()
+        while len(self._workers) > self._target and self._idle:
+            await self._retire(self._idle.pop())
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the pool holds its target number of warm workers."""
+        await asyncio.wait_for(self._wait_warm(self._target), timeout)
+
+    async def _wait_warm(self, n: int) -> None:
+        while len(self._workers) < n:
+            if self._broken:
+                raise SandboxUnavailable(self._broken)
+            await asyncio.sleep(0.005)
+
+    def _fill(self) -> None:
+        if self._closed or self._broken:
+            return
+        while len(self._workers) + self._starting < self._target:
+            self._starting += 1
+            self._spawn_task(self._start_worker())
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_worker(self) -> None:
+        assert self._leases is not None
+        slot = self._leases.acquire()
+        try:
+            worker = await ZygoteWorker.start(self.config, slot, self._apply)
+        except (WorkerDied, OSError) as exc:
+            self._leases.release(slot)
+            self._starting -= 1
+            self._start_failures += 1
+            logger.error("sandbox worker failed to start: %s", exc)
+            if self._start_failures >= _MAX_START_FAILURES:
+                self._broken = (
+                    f"{_MAX_START_FAILURES} sandbox workers in a row failed to start: {exc}"
+                )
+                for fut in self._waiters:
+                    if not fut.done():
+                        fut.set_exception(SandboxUnavailable(self._broken))
+                self._waiters.clear()
+            else:
+                self._fill()
+            return
+        self._starting -= 1
+        self._start_failures = 0
+        self._workers.add(worker)
+        self._watch(worker)
+        if self._closed:
+            await self._retire(worker)
+            return
+        self._release(worker)
+
+    def _watch(self, worker: ZygoteWorker) -> None:
+        """Notice a worker's death at once, even while idle, and replace it."""
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(worker.pid)
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            worker.dead = True
+            if worker in self._workers and not worker.busy:
+                self._spawn_task(self._retire(worker, replaced=True))
+
+        loop.add_reader(pidfd, on_exit)
+
+    async def _retire(self, worker: ZygoteWorker, replaced: bool = False) -> None:
+        if worker not in self._workers:
+            return
+        self._workers.discard(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        if replaced and not self._closed:
+            self.replaced += 1
+        await worker.close()
+        assert self._leases is not None
+        self._leases.release(worker.slot)
+        self._fill()
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    def _release(self, worker: ZygoteWorker) -> None:
+        worker.busy = False
+        if worker.dead or len(self._workers) > self._target:
+            self._spawn_task(self._retire(worker, replaced=worker.dead))
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                worker.busy = True
+                fut.set_result(worker)
+                return
+        self._idle.append(worker)
+
+    @contextlib.asynccontextmanager
+    async def _worker(self) -> AsyncIterator[ZygoteWorker]:
+        if self._closed:
+            raise SandboxUnavailable("sandbox pool is closed")
+        if self._broken:
+            raise SandboxUnavailable(self._broken)
+        while self._idle and self._idle[0].dead:
+            self._spawn_task(self._retire(self._idle.popleft(), replaced=True))
+        if self._idle:
+            worker = self._idle.popleft()
+            worker.busy = True
+        else:
+            if len(self._waiters) >= self.config.max_queue:
+                raise QueueFull(
+                    f"sandbox queue is full ({len(self._waiters)} requests waiting, "
+                    f"max_queue={self.config.max_queue}); retry later or scale the pool"
+                )
+            fut: asyncio.Future[ZygoteWorker] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            self._fill()
+            try:
+                worker = await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release(fut.result())
+                raise
+        try:
+            yield worker
+        finally:
+            self._release(worker)
+
+    # --- API ----------------------------------------------------------------------------------
+
+    async def run(self, request: RunRequest | None = None, /, **fields: Any) -> RunResult:
+        """Run one program: ``await pool.run(code="print(1)")`` or ``run(RunRequest(...))``."""
+        req = request if request is not None else RunRequest(**fields)
+        limits = req.limits.clamp(self.config.max_limits)
+        with get_tracer().start_as_current_span(semconv.SPAN_SANDBOX_RUN) as span:
+            span.set_attribute(semconv.SANDBOX_LANGUAGE, req.language)
+            submitted = time.monotonic()
+            result = await self._run_one(req, limits, submitted)
+            _annotate(span, result.status, result.queue_wait_s, result.wall_s, result.cpu_s)
+            return result
+
+    async def _run_one(self, req: RunRequest, limits: Limits, submitted: float) -> RunResult:
+        async with self._worker() as worker:
+            wait = time.monotonic() - submitted
+            try:
+                # One write for the whole conversation: no round trip between its steps.
+                frames = self._open_frames(req.language, req.code, req.files)
+                frames.append(self._job_frame(req.language, limits, stdin=req.stdin))
+                frames.append({"op": "finish", "fetch": req.fetch_files})
+                await worker.send_many(frames)
+                compiled = await self._compiled(worker, req.language)
+                raw = await self._reply(worker, limits)
+                files = await self._done(worker)
+            except WorkerDied as exc:
+                return RunResult(status=RunStatus.SANDBOX_ERROR, error=str(exc), queue_wait_s=wait)
+            if compiled is not None:
+                return compiled.model_copy(update={"queue_wait_s": wait})
+            result = _to_result(raw, limits)
+            fetched, problems = {}, []
+            for name, item in files.items():
+                if "content_b64" in item:
+                    fetched[name] = item["content_b64"]
+                else:
+                    problems.append(f"{name}: {item.get('error')}")
+            update: dict[str, Any] = {"files": fetched, "queue_wait_s": wait}
+            if problems and result.error is None:
+                update["error"] = "could not fetch " + "; ".join(problems)
+            return result.model_copy(update=update)
+
+    async def run_tests(
+        self, request: RunTestsRequest | None = None, /, **fields: Any
+    ) -> RunTestsResult:
+        """Run a batch of test cases against one program, in one request (one compile, one
+        private working directory, a fresh process per test)."""
+        req = request if request is not None else RunTestsRequest(**fields)
+        limits = req.limits.clamp(self.config.max_limits)
+        with get_tracer().start_as_current_span(semconv.SPAN_SANDBOX_RUN_TESTS) as span:
+            span.set_attribute(semconv.SANDBOX_LANGUAGE, req.language)
+            span.set_attribute(semconv.SANDBOX_TESTS, len(req.tests))
+            result = await self._run_tests(req, limits, time.monotonic())
+            _annotate(span, result.status, result.queue_wait_s, result.wall_s, None)
+            span.set_attribute(semconv.SANDBOX_PASS_FRACTION, result.pass_fraction)
+            return result
+
+    async def _run_tests(
+        self, req: RunTestsRequest, limits: Limits, submitted: float
+    ) -> RunTestsResult:
+        verdicts: list[TestVerdict] = []
+        total = len(req.tests)
+        async with self._worker() as worker:
+            wait = time.monotonic() - submitted
+            started = time.monotonic()
+            try:
+                frames = self._open_frames(req.language, req.code, req.files)
+                jobs = [self._test_frame(req.language, limits, t) for t in req.tests]
+                pipelined = not req.stop_on_first_failure
+                # Without early stop every test runs: send them all, then read the verdicts.
+                await worker.send_many(
+                    [*frames, *jobs, {"op": "finish", "fetch": []}] if pipelined else frames
+                )
+                compiled = await self._compiled(worker, req.language)
+                for index, test in enumerate(req.tests):
+                    if compiled is not None:
+                        break
+                    if not pipelined:
+                        await worker.send_many([jobs[index]])
+                    raw = await self._reply(worker, limits)
+                    verdict = _judge(index, test, raw, limits, req.rel_tol)
+                    verdicts.append(verdict)
+                    if verdict.status is RunStatus.SANDBOX_ERROR:
+                        raise WorkerDied(verdict.message or "sandbox error")
+                    if not pipelined and not verdict.passed:
+                        break
+                if compiled is not None and pipelined:
+                    for _ in req.tests:
+                        await self._reply(worker, limits)
+                if not pipelined:
+                    await worker.send_many([{"op": "finish", "fetch": []}])
+                await self._done(worker)
+                if compiled is not None:
+                    return RunTestsResult(
+                        status=compiled.status,
+                        passed=0,
+                        total=total,
+                        pass_fraction=0.0,
+                        verdicts=[],
+                        error=compiled.error,
+                        queue_wait_s=wait,
+                    )
+            except WorkerDied as exc:
+                return RunTestsResult(
+                    status=RunStatus.SANDBOX_ERROR,
+                    passed=sum(v.passed for v in verdicts),
+                    total=total,
+                    pass_fraction=0.0,
+                    verdicts=verdicts,
+                    error=str(exc),
+                    queue_wait_s=wait,
+                    wall_s=time.monotonic() - started,
+                )
+        passed = sum(v.passed for v in verdicts)
+        return RunTestsResult(
+            status=RunStatus.OK,
+            passed=passed,
+            total=total,
+            pass_fraction=passed / total,
+            verdicts=verdicts,
+            queue_wait_s=wait,
+            wall_s=time.monotonic() - started,
+        )
+
+    # --- one request's conversation with a worker ----------------------------------------------
+
+    def _open_frames(self, language: str, code: str, files: dict[str, str]) -> list[Any]:
+        frames: list[Any] = [{"language": language, "code": code, "files": files}]
+        if language == "cpp":
+            job = {"kind": "compile", "limits": self.config.compile_limits.wire()}
+            frames.append({"op": "job", "job": job})
+        return frames
+
+    async def _compiled(self, worker: ZygoteWorker, language: str) -> RunResult | None:
+        """Read the compile step's reply (C++); a result when compilation failed."""
+        if language != "cpp":
+            return None
+        limits = self.config.compile_limits
+        raw = await self._reply(worker, limits)
+        if raw.get("compiled"):
+            return None
+        if "sandbox_error" in raw or raw.get("side", {}).get("setup_error"):
+            raise WorkerDied(raw.get("sandbox_error") or raw["side"]["setup_error"])
+        status = RunStatus.TIMEOUT if raw.get("timed_out") else RunStatus.COMPILE_ERROR
+        return RunResult(
+            status=status,
+            stderr=raw.get("stderr", ""),
+            exit_code=raw.get("exit_code"),
+            wall_s=raw.get("wall_s", 0.0),
+            cpu_s=raw.get("cpu_s", 0.0),
+            error="compilation failed" if status is RunStatus.COMPILE_ERROR else "compile timeout",
+        )
+
+    def _job_frame(
+        self, language: str, limits: Limits, stdin: str = "", fn: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        job: dict[str, Any] = {"kind": "run", "stdin": stdin, "limits": limits.wire()}
+        if language == "cpp":
+            job["argv"] = ["/tmp/work/main"]
+        elif language == "bash":
+            job["argv"] = [self.config.bash, _SOURCE["bash"]]
+        if fn is not None:
+            job["fn"] = fn
+        return {"op": "job", "job": job}
+
+    def _test_frame(self, language: str, limits: Limits, test: Any) -> dict[str, Any]:
+        if isinstance(test, CallTest):
+            fn = {"name": test.fn, "args": test.args, "kwargs": test.kwargs}
+            return self._job_frame(language, limits, fn=fn)
+        return self._job_frame(language, limits, stdin=test.stdin)
+
+    async def _reply(self, worker: ZygoteWorker, limits: Limits) -> dict[str, Any]:
+        msg = await worker.recv(timeout=limits.wall_s + self.config.grace_s)
+        if msg.get("type") == "error":
+            raise WorkerDied(f"sandbox supervisor failed: {msg.get('message')}")
+        result: dict[str, Any] = msg["result"]
+        return result
+
+    async def _done(self, worker: ZygoteWorker) -> dict[str, Any]:
+        msg = await worker.recv(timeout=self.config.grace_s + 5.0)
+        if msg.get("type") == "error":
+            raise WorkerDied(f"sandbox supervisor failed: {msg.get('message')}")
+        files: dict[str, Any] = msg.get("files", {})
+        return files
+
+
+def _annotate(
+    span: Any, status: RunStatus, queue_wait_s: float, wall_s: float, cpu_s: float | None
+) -> None:
+    span.set_attribute(semconv.SANDBOX_STATUS, status.value)
+    span.set_attribute(semconv.SANDBOX_QUEUE_WAIT_S, queue_wait_s)
+    span.set_attribute(semconv.SANDBOX_WALL_S, wall_s)
+    if cpu_s is not None:
+        span.set_attribute(semconv.SANDBOX_CPU_S, cpu_s)
+    if status is RunStatus.SANDBOX_ERROR:
+        span.set_attribute(semconv.ERROR_TYPE, status.value)
+        span.set_status(Status(StatusCode.ERROR, status.value))
+
+
+def _classify(raw: dict[str, Any], limits: Limits) -> tuple[RunStatus, str | None]:
+    side = raw.get("side") or {}
+    if "sandbox_error" in raw:
+        return RunStatus.SANDBOX_ERROR, str(raw["sandbox_error"])
+    if side.get("setup_error"):
+        return RunStatus.SANDBOX_ERROR, f"sandbox setup failed: {side['setup_error']}"
+    if raw.get("timed_out"):
+        return RunStatus.TIMEOUT, f"wall-clock limit of {limits.wall_s:g} s exceeded"
+    code = raw.get("exit_code")
+    if side.get("memory_error") or raw.get("oom_killed"):
+        return RunStatus.MEMORY_LIMIT, f"memory limit of {limits.memory_mb} MiB exceeded"
+    if code in (-signal.SIGXCPU, -signal.SIGKILL) and raw.get("cpu_s", 0.0) >= (
+        0.9 * limits.effective_cpu_s()
+    ):
+        return RunStatus.TIMEOUT, f"CPU-time limit of {limits.effective_cpu_s():g} s exceeded"
+    if side.get("compile_error"):
+        return RunStatus.COMPILE_ERROR, "syntax error"
+    if code == 0:
+        return RunStatus.OK, None
+    if "std::bad_alloc" in raw.get("stderr", "") or "MemoryError" in raw.get("stderr", "")[-200:]:
+        return RunStatus.MEMORY_LIMIT, f"memory limit of {limits.memory_mb} MiB exceeded"
+    return RunStatus.RUNTIME_ERROR, None
+
+
+def _to_result(raw: dict[str, Any], limits: Limits) -> RunResult:
+    status, error = _classify(raw, limits)
+    return RunResult(
+        status=status,
+        stdout=raw.get("stdout", ""),
+        stderr=raw.get("stderr", ""),
+        exit_code=raw.get("exit_code"),
+        wall_s=raw.get("wall_s", 0.0),
+        cpu_s=raw.get("cpu_s", 0.0),
+        max_rss_mb=raw.get("max_rss_mb", 0.0),
+        stdout_truncated=raw.get("stdout_truncated", False),
+        stderr_truncated=raw.get("stderr_truncated", False),
+        error=error,
+    )
+
+
+def _judge(
+    index: int, test: Any, raw: dict[str, Any], limits: Limits, rel_tol: float
+) -> TestVerdict:
+    status, error = _classify(raw, limits)
+    passed = False
+    message = error
+    if status is RunStatus.OK:
+        if isinstance(test, CallTest):
+            side = raw.get("side") or {}
+            if "return" not in side:
+                status, message = RunStatus.RUNTIME_ERROR, "the function returned nothing"
+            else:
+                passed = values_match(side["return"], test.expected, rel_tol)
+                message = None if passed else f"returned {side['return']!r}"
+        else:
+            passed = not raw.get("stdout_truncated") and outputs_match(
+                raw.get("stdout", ""), test.expected_stdout
+            )
+            message = None if passed else "wrong answer"
+    return TestVerdict(
+        index=index,
+        passed=passed,
+        status=status,
+        stdout=raw.get("stdout", "")[:4096],
+        stderr=raw.get("stderr", "")[-4096:],
+        wall_s=raw.get("wall_s", 0.0),
+        cpu_s=raw.get("cpu_s", 0.0),
+        message=message,
+    )
+
+
+def b64(data: bytes | str) -> str:
+    """Base64 text of ``data``, for ``files`` in requests."""
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()

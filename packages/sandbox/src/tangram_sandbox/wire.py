@@ -1,0 +1,71 @@
+"""Length-prefixed JSON frames: how the pool, the zygote and its supervisors talk.
+
+Why not pickle: frames cross a privilege boundary (a supervisor that sandboxed code could
+tamper with must not be able to make the pool execute anything), and JSON parsing runs no code.
+Stdlib-only, because the zygote imports it under the system interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+__all__ = ["MAX_FRAME", "FrameError", "decode", "encode", "read_frame", "write_frame"]
+
+_HEADER = struct.Struct(">I")
+#: Largest frame accepted (64 MiB): bigger means a corrupt or hostile peer, not a result.
+MAX_FRAME = 64 << 20
+
+
+class FrameError(Exception):
+    """A peer sent something that is not a frame (or closed the pipe in the middle of one)."""
+
+
+def encode(obj: Any) -> bytes:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise FrameError(f"frame is not JSON: {exc}") from exc
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            if got:
+                raise FrameError(f"peer closed after {got} of {n} bytes")
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> Any | None:
+    """The next frame from a blocking fd; ``None`` on a clean end of stream."""
+    head = _read_exact(fd, _HEADER.size)
+    if head is None:
+        return None
+    (size,) = _HEADER.unpack(head)
+    if size > MAX_FRAME:
+        raise FrameError(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+    body = _read_exact(fd, size)
+    if body is None:
+        raise FrameError("peer closed between header and body")
+    return decode(body)
+
+
+def write_frame(fd: int, obj: Any) -> None:
+    """Write one frame to a blocking fd."""
+    view = memoryview(encode(obj))
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
