@@ -140,7 +140,7 @@ class Setup:
         """
         specs = {
             "tangram-core": "[ray,otlp,report]",
-            "sandbox": "",
+            "sandbox": "[server]",
             "reward-serve": "[serve,models]",
             "hysparse-vllm": "",
             "r1-train": "",

@@ -29,7 +29,24 @@ _EXPORTS = {
     "SandboxManager": "tangram_sandbox.manager",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "CallTest",
+    "Capabilities",
+    "Limits",
+    "PoolConfig",
+    "QueueFull",
+    "RunRequest",
+    "RunResult",
+    "RunStatus",
+    "RunTestsRequest",
+    "RunTestsResult",
+    "SandboxManager",
+    "SandboxPool",
+    "SandboxUnavailable",
+    "StdinTest",
+    "__version__",
+    "capabilities",
+]
 
 if TYPE_CHECKING:
     from tangram_sandbox.capabilities import Capabilities, capabilities

@@ -299,6 +299,11 @@ class SandboxPool:
                 raise
         try:
             yield worker
+        except asyncio.CancelledError:
+            # Mid-conversation the worker's protocol state is unknown: kill it (and with it
+            # the running program); a fresh one replaces it.
+            worker.kill()
+            raise
         finally:
             self._release(worker)
 

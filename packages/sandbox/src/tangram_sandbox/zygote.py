@@ -437,10 +437,15 @@ def _compile_cpp(cfg: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     compiler = cfg["cpp"]["compiler"]
     flags = cfg["cpp"]["flags"]
     key = hashlib.sha256(json.dumps([compiler, flags, cfg["code"]]).encode()).hexdigest()
-    cached = os.path.join(cfg["cache_dir"], key)
+    cache = cfg["cache_fd"]  # opened by the zygote: each execution's /tmp hides the path
     binary = os.path.join(WORKDIR, "main")
-    if os.path.exists(cached):
-        shutil.copyfile(cached, binary)
+    try:
+        src_fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=cache)
+    except FileNotFoundError:
+        src_fd = -1
+    if src_fd >= 0:
+        with os.fdopen(src_fd, "rb") as src, open(binary, "wb") as dst:
+            shutil.copyfileobj(src, dst)
         _own(binary, cfg, 0o755)
         return {"compiled": True, "cached": True, "stderr": "", "wall_s": 0.0}
     job = dict(job, argv=[compiler, *flags, "main.cpp", "-o", "main"], stdin="")
@@ -451,11 +456,11 @@ def _compile_cpp(cfg: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EINVAL, "compiler output is not a regular file")
-            tmp = f"{cached}.{os.getpid()}.tmp"
-            with os.fdopen(os.dup(fd), "rb") as src, open(tmp, "wb") as dst:
+            tmp = f"{key}.{os.getpid()}.tmp"
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700, dir_fd=cache)
+            with os.fdopen(os.dup(fd), "rb") as src, os.fdopen(out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            os.chmod(tmp, 0o700)
-            os.replace(tmp, cached)
+            os.replace(tmp, key, src_dir_fd=cache, dst_dir_fd=cache)
         finally:
             os.close(fd)
     return dict(result, compiled=ok, cached=False)
@@ -705,6 +710,7 @@ def main() -> None:
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     layers = _enter_worker_namespaces(cfg)
+    cfg["cache_fd"] = os.open(cfg["cache_dir"], os.O_RDONLY | os.O_DIRECTORY)
     cfg["apply"]["mount_ns"] = layers.get("mount_ns") is True
     wire.write_frame(sock.fileno(), {"type": "ready", "pid": os.getpid(), "layers": layers})
     gc.freeze()  # keep the collector from touching (and so copying) inherited pages in forks

@@ -1,0 +1,101 @@
+"""``SandboxManager``: the sandbox pool as a tangram-core resource manager.
+
+One worker is one unit of ``cpu``: an action of kind ``sandbox.run`` or ``sandbox.run_tests``
+demands one unit and its payload is a :class:`~tangram_sandbox.models.RunRequest` or
+:class:`~tangram_sandbox.models.RunTestsRequest`. The orchestrator schedules it per action
+and scales the pool through :meth:`scale_to`.
+
+Failure mapping, which the orchestrator's retry policy rests on: a ``sandbox_error`` result
+(the worker died, the supervisor failed) is infrastructure, so it raises
+:class:`~tangram_core.resource_manager.WorkerLost` and is retried within budget; the program's
+own failures (runtime error, timeout, wrong answer) are results, returned as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import ValidationError
+
+from tangram_core.actions import Action
+from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
+from tangram_sandbox.config import PoolConfig
+from tangram_sandbox.models import RunRequest, RunStatus, RunTestsRequest
+from tangram_sandbox.pool import SandboxPool
+
+__all__ = ["KIND_RUN", "KIND_RUN_TESTS", "SandboxManager"]
+
+KIND_RUN = "sandbox.run"
+KIND_RUN_TESTS = "sandbox.run_tests"
+
+
+class SandboxManager(ResourceManager):
+    """Runs ``sandbox.*`` actions on a :class:`SandboxPool`; capacity = warm workers."""
+
+    kinds = frozenset({KIND_RUN, KIND_RUN_TESTS})
+    warmup_s = 0.1  # a zygote start: interpreter, preloads, namespaces
+    unit_cost = 1.0
+
+    def __init__(
+        self, config: PoolConfig | None = None, *, name: str = "sandbox", resource: str = "cpu"
+    ) -> None:
+        self.name = name
+        self.resource = resource
+        self.pool = SandboxPool(config or PoolConfig())
+        self._running: dict[str, asyncio.Task[Any]] = {}
+
+    def resources(self) -> dict[str, float]:
+        return {self.resource: float(self.pool.size)}
+
+    def limits(self) -> dict[str, float]:
+        return {self.resource: float(self.pool.config.max_workers)}
+
+    def health(self) -> bool:
+        return self.pool.healthy()
+
+    async def open(self) -> None:
+        await self.pool.start()
+
+    async def start(self, action: Action, units: int) -> Any:
+        try:
+            if action.kind == KIND_RUN_TESTS:
+                request: RunRequest | RunTestsRequest = RunTestsRequest.model_validate(
+                    action.payload
+                )
+            else:
+                request = RunRequest.model_validate(action.payload)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise ActionError(
+                "InvalidPayload", f"action {action.id!r} ({action.kind}): {problems}"
+            ) from None
+        call = (
+            self.pool.run_tests(request)
+            if isinstance(request, RunTestsRequest)
+            else self.pool.run(request)
+        )
+        task = asyncio.ensure_future(call)
+        self._running[action.id] = task
+        try:
+            result = await task
+        finally:
+            self._running.pop(action.id, None)
+        if result.status is RunStatus.SANDBOX_ERROR:
+            raise WorkerLost(f"sandbox: {result.error}", action_id=action.id)
+        return result.model_dump(mode="json")
+
+    async def cancel(self, action_id: str) -> bool:
+        task = self._running.get(action_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def scale_to(self, n_units: int) -> None:
+        await self.pool.scale_to(n_units)
+
+    async def shutdown(self, drain: bool = True) -> None:
+        await self.pool.close(drain=drain)

@@ -1,0 +1,174 @@
+"""The real pool, end to end: languages, statuses, batches, files, scaling and backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tangram_sandbox.models import RunStatus
+from tangram_sandbox.pool import QueueFull, SandboxPool
+
+pytestmark = pytest.mark.usefixtures("can_sandbox")
+
+CPP_SUM = "#include <iostream>\nint main(){long a,b;std::cin>>a>>b;std::cout<<a+b<<'\\n';}\n"
+
+
+def with_pool(body: Callable[[SandboxPool], Awaitable[Any]], **config: Any) -> Any:
+    async def go() -> Any:
+        async with SandboxPool(**{"min_workers": 1, "max_workers": 2, **config}) as pool:
+            return await body(pool)
+
+    return asyncio.run(go())
+
+
+def test_python_bash_and_cpp_read_stdin_and_answer(tmp_path: Any) -> None:
+    async def body(pool: SandboxPool) -> list[Any]:
+        return [
+            await pool.run(code="a, b = map(int, input().split()); print(a * b)", stdin="6 7"),
+            await pool.run(code="read a b; echo $((a - b))", language="bash", stdin="9 2"),
+            await pool.run(code=CPP_SUM, language="cpp", stdin="40 2"),
+            await pool.run(code=CPP_SUM, language="cpp", stdin="1 2"),  # from the cache
+        ]
+
+    py, sh, cpp, cached = with_pool(body, cache_dir=str(tmp_path))
+    assert (py.status, py.stdout) == (RunStatus.OK, "42\n")
+    assert (sh.status, sh.stdout) == (RunStatus.OK, "7\n")
+    assert (cpp.status, cpp.stdout) == (RunStatus.OK, "42\n")
+    assert (cached.status, cached.stdout) == (RunStatus.OK, "3\n")
+    assert len(list(tmp_path.iterdir())) == 1, "one cached binary per source hash"
+
+
+def test_each_failure_has_its_own_status() -> None:
+    async def body(pool: SandboxPool) -> dict[str, Any]:
+        small = {"wall_s": 1.0, "memory_mb": 128}
+        return {
+            "runtime": await pool.run(code="raise ValueError('boom')"),
+            "syntax": await pool.run(code="def f(:\n"),
+            "exit3": await pool.run(code="import sys; sys.exit(3)"),
+            "timeout": await pool.run(code="while True: pass", limits=small),
+            "memory": await pool.run(code="x = bytearray(1 << 30)", limits=small),
+            "cpp": await pool.run(code="int main( {", language="cpp"),
+        }
+
+    got = with_pool(body)
+    assert got["runtime"].status is RunStatus.RUNTIME_ERROR
+    assert "ValueError: boom" in got["runtime"].stderr
+    assert got["syntax"].status is RunStatus.COMPILE_ERROR
+    assert (got["exit3"].status, got["exit3"].exit_code) == (RunStatus.RUNTIME_ERROR, 3)
+    assert got["timeout"].status is RunStatus.TIMEOUT
+    assert 0.9 < got["timeout"].wall_s < 3.0
+    assert got["memory"].status is RunStatus.MEMORY_LIMIT
+    assert got["cpp"].status is RunStatus.COMPILE_ERROR and "error" in got["cpp"].stderr
+
+
+def test_run_tests_judges_stdin_and_function_tests() -> None:
+    code = "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    print(add(*map(int, input().split())))\n"
+
+    async def body(pool: SandboxPool) -> list[Any]:
+        stdin_tests = [{"stdin": f"{i} {i}", "expected_stdout": str(2 * i)} for i in range(10)]
+        stdin_tests[3]["expected_stdout"] = "wrong"
+        calls = [
+            {"fn": "add", "args": [1, 2], "expected": 3},
+            {"fn": "add", "args": [0.1, 0.2], "expected": 0.3},
+            {"fn": "add", "args": [[1], [2]], "expected": [1, 2]},
+            {"fn": "add", "args": [1, 1], "expected": 3},
+            {"fn": "missing", "expected": 0},
+        ]
+        return [
+            await pool.run_tests(code=code, tests=stdin_tests),
+            await pool.run_tests(code="import sys\n" + code.split("if")[0], tests=calls),
+            await pool.run_tests(code=code, tests=stdin_tests, stop_on_first_failure=True),
+        ]
+
+    stdin_res, call_res, stopped = with_pool(body)
+    assert stdin_res.status is RunStatus.OK
+    assert (stdin_res.passed, stdin_res.total, stdin_res.pass_fraction) == (9, 10, 0.9)
+    assert [v.index for v in stdin_res.verdicts if not v.passed] == [3]
+    assert [v.passed for v in call_res.verdicts] == [True, True, True, False, False]
+    assert call_res.verdicts[3].message == "returned 2"
+    assert call_res.verdicts[4].status is RunStatus.RUNTIME_ERROR
+    assert len(stopped.verdicts) == 4 and stopped.passed == 3
+
+
+def test_files_go_in_and_come_back_without_following_links() -> None:
+    async def body(pool: SandboxPool) -> Any:
+        return await pool.run(
+            code=(
+                "import os\n"
+                "print(open('data/in.txt').read())\n"
+                "open('out.txt', 'w').write('result')\n"
+                "os.symlink('/etc/passwd', 'leak')\n"
+            ),
+            files={"data/in.txt": base64.b64encode(b"payload").decode()},
+            fetch_files=["out.txt", "leak", "absent"],
+        )
+
+    res = with_pool(body)
+    assert res.status is RunStatus.OK and res.stdout == "payload\n"
+    assert base64.b64decode(res.files["out.txt"]) == b"result"
+    assert "leak" not in res.files and "absent" not in res.files
+    assert res.error is not None and "leak" in res.error and "absent" in res.error
+
+
+def test_scale_to_grows_and_shrinks_between_bounds() -> None:
+    async def body(pool: SandboxPool) -> list[int]:
+        sizes = [pool.size]
+        await pool.scale_to(3)
+        await pool.wait_ready()
+        sizes.append(pool.size)
+        await pool.scale_to(0)  # floor: min_workers
+        sizes.append(pool.size)
+        with pytest.raises(ValueError, match="max_workers=3"):
+            await pool.scale_to(4)
+        res = await pool.run(code="print('still serving')")
+        assert res.stdout == "still serving\n"
+        return sizes
+
+    assert with_pool(body, min_workers=1, max_workers=3) == [1, 3, 1]
+
+
+def test_full_queue_refuses_at_once_and_loses_nothing_queued() -> None:
+    async def body(pool: SandboxPool) -> None:
+        first = asyncio.create_task(pool.run(code="import time; time.sleep(0.5); print('a')"))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(pool.run(code="print('b')"))
+        await asyncio.sleep(0.05)
+        assert pool.queued == 1
+        with pytest.raises(QueueFull, match="max_queue=1"):
+            await pool.run(code="print('c')")
+        a, b = await asyncio.gather(first, second)
+        assert (a.stdout, b.stdout) == ("a\n", "b\n")
+
+    with_pool(body, min_workers=1, max_workers=1, max_queue=1)
+
+
+def test_cancelling_a_run_kills_its_program_and_replaces_the_worker() -> None:
+    async def body(pool: SandboxPool) -> None:
+        task = asyncio.create_task(pool.run(code="import time; time.sleep(30)"))
+        await asyncio.sleep(0.5)
+        victim = next(iter(pool._workers))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pool.wait_ready(timeout=10)
+        assert victim not in pool._workers
+        res = await pool.run(code="print(1)")
+        assert res.status is RunStatus.OK
+
+    with_pool(body, min_workers=1, max_workers=1)
+
+
+def test_strict_isolation_refuses_when_a_layer_is_missing() -> None:
+    from tangram_sandbox.pool import SandboxUnavailable
+
+    async def go() -> None:
+        # A Python that cannot run the zygote makes every layer fail the probe.
+        async with SandboxPool(isolation="strict", python="/bin/false"):
+            pass
+
+    with pytest.raises(SandboxUnavailable, match="isolation='strict'.*user_ns"):
+        asyncio.run(go())
