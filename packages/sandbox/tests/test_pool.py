@@ -62,11 +62,15 @@ def test_each_failure_has_its_own_status() -> None:
     assert got["timeout"].status is RunStatus.TIMEOUT
     assert 0.9 < got["timeout"].wall_s < 3.0
     assert got["memory"].status is RunStatus.MEMORY_LIMIT
-    assert got["cpp"].status is RunStatus.COMPILE_ERROR and "error" in got["cpp"].stderr
+    assert got["cpp"].status is RunStatus.COMPILE_ERROR
+    assert "error" in got["cpp"].stderr
 
 
 def test_run_tests_judges_stdin_and_function_tests() -> None:
-    code = "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    print(add(*map(int, input().split())))\n"
+    code = (
+        "def add(a, b):\n    return a + b\n"
+        "if __name__ == '__main__':\n    print(add(*map(int, input().split())))\n"
+    )
 
     async def body(pool: SandboxPool) -> list[Any]:
         stdin_tests = [{"stdin": f"{i} {i}", "expected_stdout": str(2 * i)} for i in range(10)]
@@ -91,7 +95,8 @@ def test_run_tests_judges_stdin_and_function_tests() -> None:
     assert [v.passed for v in call_res.verdicts] == [True, True, True, False, False]
     assert call_res.verdicts[3].message == "returned 2"
     assert call_res.verdicts[4].status is RunStatus.RUNTIME_ERROR
-    assert len(stopped.verdicts) == 4 and stopped.passed == 3
+    assert len(stopped.verdicts) == 4
+    assert stopped.passed == 3
 
 
 def test_files_go_in_and_come_back_without_following_links() -> None:
@@ -108,10 +113,14 @@ def test_files_go_in_and_come_back_without_following_links() -> None:
         )
 
     res = with_pool(body)
-    assert res.status is RunStatus.OK and res.stdout == "payload\n"
+    assert res.status is RunStatus.OK
+    assert res.stdout == "payload\n"
     assert base64.b64decode(res.files["out.txt"]) == b"result"
-    assert "leak" not in res.files and "absent" not in res.files
-    assert res.error is not None and "leak" in res.error and "absent" in res.error
+    assert "leak" not in res.files
+    assert "absent" not in res.files
+    assert res.error is not None
+    assert "leak" in res.error
+    assert "absent" in res.error
 
 
 def test_scale_to_grows_and_shrinks_between_bounds() -> None:
@@ -170,5 +179,5 @@ def test_strict_isolation_refuses_when_a_layer_is_missing() -> None:
         async with SandboxPool(isolation="strict", python="/bin/false"):
             pass
 
-    with pytest.raises(SandboxUnavailable, match="isolation='strict'.*user_ns"):
+    with pytest.raises(SandboxUnavailable, match=r"isolation='strict'.*user_ns"):
         asyncio.run(go())

@@ -14,7 +14,8 @@ from tangram_sandbox import _sys, seccomp
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 def test_filter_is_well_formed(machine: str) -> None:
     prog = seccomp.build_filter(machine)
-    assert len(prog) % 8 == 0 and 0 < len(prog) // 8 < 4096
+    assert len(prog) % 8 == 0
+    assert 0 < len(prog) // 8 < 4096
     for i in range(len(prog) // 8):
         code, jt, jf, _ = struct.unpack_from("=HBBI", prog, 8 * i)
         # Every jump lands inside the program (BPF jumps are forward only).
