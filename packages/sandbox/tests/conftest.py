@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tangram_sandbox.capabilities import capabilities
+from tangram_sandbox.isolation import capabilities
 
 
 @pytest.fixture(scope="session")

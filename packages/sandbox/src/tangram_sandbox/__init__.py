@@ -24,8 +24,8 @@ _EXPORTS = {
     "RunTestsResult": "tangram_sandbox.models",
     "StdinTest": "tangram_sandbox.models",
     "CallTest": "tangram_sandbox.models",
-    "Capabilities": "tangram_sandbox.capabilities",
-    "capabilities": "tangram_sandbox.capabilities",
+    "Capabilities": "tangram_sandbox.isolation",
+    "capabilities": "tangram_sandbox.isolation",
     "SandboxManager": "tangram_sandbox.manager",
 }
 
@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tangram_sandbox.capabilities import Capabilities, capabilities
     from tangram_sandbox.config import PoolConfig
+    from tangram_sandbox.isolation import Capabilities, capabilities
     from tangram_sandbox.manager import SandboxManager
     from tangram_sandbox.models import (
         CallTest,

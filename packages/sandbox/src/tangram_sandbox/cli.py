@@ -12,7 +12,7 @@ __all__ = ["main"]
 
 
 def _capabilities(args: argparse.Namespace) -> int:
-    from tangram_sandbox.capabilities import capabilities
+    from tangram_sandbox.isolation import capabilities
 
     caps = capabilities()
     print(caps.model_dump_json(indent=2) if args.json else caps.table())

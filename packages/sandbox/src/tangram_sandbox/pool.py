@@ -24,8 +24,8 @@ from opentelemetry.trace import Status, StatusCode
 
 from tangram_core import semconv
 from tangram_core.telemetry import get_tracer
-from tangram_sandbox.capabilities import Capabilities, capabilities
 from tangram_sandbox.config import PoolConfig
+from tangram_sandbox.isolation import Capabilities, capabilities
 from tangram_sandbox.models import (
     CallTest,
     Limits,
@@ -325,7 +325,7 @@ class SandboxPool:
             wait = time.monotonic() - submitted
             try:
                 # One write for the whole conversation: no round trip between its steps.
-                frames = self._open_frames(req.language, req.code, req.files)
+                frames = self._open_frames(req.language, req.code, req.files, 1)
                 frames.append(self._job_frame(req.language, limits, stdin=req.stdin))
                 frames.append({"op": "finish", "fetch": req.fetch_files})
                 await worker.send_many(frames)
@@ -372,7 +372,7 @@ class SandboxPool:
             wait = time.monotonic() - submitted
             started = time.monotonic()
             try:
-                frames = self._open_frames(req.language, req.code, req.files)
+                frames = self._open_frames(req.language, req.code, req.files, len(req.tests))
                 jobs = [self._test_frame(req.language, limits, t) for t in req.tests]
                 pipelined = not req.stop_on_first_failure
                 # Without early stop every test runs: send them all, then read the verdicts.
@@ -432,8 +432,8 @@ class SandboxPool:
 
     # --- one request's conversation with a worker ----------------------------------------------
 
-    def _open_frames(self, language: str, code: str, files: dict[str, str]) -> list[Any]:
-        frames: list[Any] = [{"language": language, "code": code, "files": files}]
+    def _open_frames(self, language: str, code: str, files: dict[str, str], jobs: int) -> list[Any]:
+        frames: list[Any] = [{"language": language, "code": code, "files": files, "jobs": jobs}]
         if language == "cpp":
             job = {"kind": "compile", "limits": self.config.compile_limits.wire()}
             frames.append({"op": "job", "job": job})

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from tangram_sandbox import wire
-from tangram_sandbox.capabilities import cgroup_root, package_root, zygote_command
 from tangram_sandbox.config import PoolConfig
+from tangram_sandbox.isolation import cgroup_root, package_root, zygote_command
 
 __all__ = ["Slot", "SlotLeases", "WorkerDied", "ZygoteWorker"]
 

@@ -145,45 +145,58 @@ def _preload() -> None:
 # --- C: the sandboxed program ---------------------------------------------------------------------
 
 
-def _drop_into_sandbox(cfg: dict[str, Any], limits: dict[str, Any], fds: dict[str, int]) -> None:
-    """In C, as root: join the slot's cgroups, then shed every privilege, in this order."""
+def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
+    """In a spare program process, as root: everything that does not depend on the job.
+
+    Order matters: the namespace mounts need root; then the uid drop; then no_new_privs, the
+    user namespace (which leaves no capability outside it) and seccomp, which must come last
+    because it forbids ``unshare``."""
     _sys.set_pdeathsig(signal.SIGKILL)
     os.setsid()
-    if cfg["apply"]["pid_ns"]:
-        # A /proc that shows this pid namespace only; the previous job's stays underneath.
-        if cfg.get("proc_mounted"):
-            _sys.umount_detach("/proc")
+    apply = cfg["apply"]
+    if apply["pid_ns"]:
+        # A /proc showing only this pid namespace, in a private mount table so that the spare
+        # for the next job can mount its own while this one still runs.
+        _sys.unshare(_sys.CLONE_NEWNS)
         _sys.mount("proc", "/proc", "proc", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC)
-    os.dup2(fds["stdin"], 0)
-    os.dup2(fds["stdout"], 1)
-    os.dup2(fds["stderr"], 2)
-    os.dup2(fds["result"], 3)
-    os.closerange(4, 1 << 16)
+    for target, name in enumerate(("stdin", "stdout", "stderr", "result", "go")):
+        os.dup2(fds[name], target)
+    os.closerange(5, 1 << 16)
     os.chdir(WORKDIR)
-    layers = cfg["apply"]
-    if layers["slot_uid"]:
+    if apply["slot_uid"]:
         os.setgroups([])
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
     _sys.set_no_new_privs()
-    mem = int(limits["memory_mb"]) << 20
-    cpu = max(1, int(-(-limits["cpu_s"] // 1)))
-    for res, value in (
-        (resource.RLIMIT_AS, mem),
-        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
-        (resource.RLIMIT_FSIZE, int(limits["file_size_mb"]) << 20),
-        (resource.RLIMIT_NOFILE, int(limits["open_files"])),
-        (resource.RLIMIT_NPROC, int(limits["processes"])),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        soft, hard = value if isinstance(value, tuple) else (value, value)
-        resource.setrlimit(res, (soft, hard))
-    if layers["user_ns"]:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if apply["user_ns"]:
         _sys.unshare(_sys.CLONE_NEWUSER)
-    if layers["seccomp"]:
+    if apply["seccomp"]:
         _SECCOMP[0].install()
     os.environ.clear()
     os.environ.update(_ENV)
+
+
+def _apply_limits(limits: dict[str, Any]) -> None:
+    """The job's rlimits; only ever lowered from what the spare inherited, so no privilege
+    is needed (the spare has none left)."""
+    mem = int(limits["memory_mb"]) << 20
+    cpu = max(1, int(-(-limits["cpu_s"] // 1)))
+    for res, soft, hard in (
+        (resource.RLIMIT_AS, mem, mem),
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (
+            resource.RLIMIT_FSIZE,
+            int(limits["file_size_mb"]) << 20,
+            int(limits["file_size_mb"]) << 20,
+        ),
+        (resource.RLIMIT_NOFILE, int(limits["open_files"]), int(limits["open_files"])),
+        (resource.RLIMIT_NPROC, int(limits["processes"]), int(limits["processes"])),
+    ):
+        _cur_soft, cur_hard = resource.getrlimit(res)
+        if cur_hard != resource.RLIM_INFINITY:
+            hard = min(hard, cur_hard)
+        resource.setrlimit(res, (min(soft, hard), hard))
 
 
 def _report(obj: dict[str, Any]) -> None:
@@ -254,26 +267,77 @@ def _run_python(code: str, job: dict[str, Any], sys_path: list[str]) -> int:
     return status & 0xFF
 
 
-def _child(cfg: dict[str, Any], job: dict[str, Any], fds: dict[str, int]) -> None:
-    """Body of C; never returns."""
-    status = _SETUP_FAILED
+def _spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
+    """Body of a spare program process (P); never returns.
+
+    It is forked and sheds its privileges *before* its job exists, then waits on fd 4 for the
+    job: the fork and the isolation set-up are off the request's critical path."""
     try:
-        _drop_into_sandbox(cfg, job["limits"], fds)
+        _enter_sandbox(cfg, fds)
     except BaseException as exc:
         try:
-            os.write(fds.get("result", 3), json.dumps({"setup_error": repr(exc)}).encode())
+            os.write(fds["result"], json.dumps({"setup_error": repr(exc)}).encode())
         finally:
             os._exit(_SETUP_FAILED)
+    try:
+        go = wire.read_frame(4)
+        os.close(4)
+        if go is None:  # the supervisor is done with us
+            os._exit(0)
+        job = go["job"]
+        _apply_limits(job["limits"])
+    except BaseException as exc:
+        _report({"setup_error": repr(exc)})
+        os._exit(_SETUP_FAILED)
+    status = _SETUP_FAILED
     try:
         argv = job.get("argv")
         if argv:
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
             os.execve(argv[0], argv, dict(os.environ))
-        status = _run_python(cfg["code"], job, cfg["sys_path"])
+        status = _run_python(go["code"], job, cfg["sys_path"])
     except BaseException as exc:
         _report({"setup_error": repr(exc)})
     os._exit(status)
+
+
+class _Spare:
+    """S's handle on a spare program process: its pid and S's ends of its pipes."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.stdin = os.memfd_create("stdin", 0)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        res_r, res_w = os.pipe()
+        go_r, go_w = os.pipe()
+        if cfg["apply"]["pid_ns"]:
+            if cfg.get("pid_ns_used"):  # back to our own pid namespace, to unshare a fresh one
+                _sys.setns(cfg["own_pid_ns"], _sys.CLONE_NEWPID)
+            _sys.unshare(_sys.CLONE_NEWPID)
+            cfg["pid_ns_used"] = True
+        fds = {"stdin": self.stdin, "stdout": out_w, "stderr": err_w, "result": res_w, "go": go_r}
+        self.pid = os.fork()
+        if self.pid == 0:
+            _spare_main(cfg, fds)
+        for fd in (out_w, err_w, res_w, go_r):
+            os.close(fd)
+        if cfg["apply"]["pid_ns"]:
+            # Hold its mount namespace, so that tearing it down (an RCU grace period) happens
+            # when S exits after replying, not between the program's exit and the reply.
+            cfg.setdefault("held_ns", []).append(os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY))
+        self.out, self.err, self.res, self.go = out_r, err_r, res_r, go_w
+
+    def start(self, job: dict[str, Any], code: str) -> None:
+        """Hand the job over: stdin into the shared memfd, then the job down the go pipe."""
+        data = job.get("stdin", "").encode()
+        if data:
+            os.write(self.stdin, data)
+            os.lseek(self.stdin, 0, os.SEEK_SET)
+        with contextlib.suppress(BrokenPipeError):  # it died setting up: its result pipe says why
+            wire.write_frame(self.go, {"job": job, "code": code})
+        os.close(self.go)
+        os.close(self.stdin)
 
 
 # --- S: running one job -------------------------------------------------------------------------
@@ -333,26 +397,16 @@ def _set_cgroup_limits(cfg: dict[str, Any], limits: dict[str, Any]) -> None:
 def _run_job(cfg: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """Fork the program for one job and watch it to the end; raw facts for the pool to judge."""
     limits = job["limits"]
-    stdin_fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
-    os.write(stdin_fd, job.get("stdin", "").encode())
-    os.lseek(stdin_fd, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    res_r, res_w = os.pipe()
+    spare = cfg.pop("spare", None) or _Spare(cfg)
     _set_cgroup_limits(cfg, limits)
     ooms_before = _read_cgroup_counter(cfg, "oom_kill")
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if cfg["apply"]["pid_ns"]:
-        if cfg.get("proc_mounted"):  # back to our own pid namespace, to unshare a fresh one
-            _sys.setns(cfg["own_pid_ns"], _sys.CLONE_NEWPID)
-        _sys.unshare(_sys.CLONE_NEWPID)
     start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        _child(cfg, job, {"stdin": stdin_fd, "stdout": out_w, "stderr": err_w, "result": res_w})
-    cfg["proc_mounted"] = True
-    for fd in (stdin_fd, out_w, err_w, res_w):
-        os.close(fd)
+    spare.start(job, cfg["code"])
+    pid, out_r, err_r, res_r = spare.pid, spare.out, spare.err, spare.res
+    cfg["jobs_left"] = cfg.get("jobs_left", 1) - 1
+    if cfg["jobs_left"] > 0:  # the next job's process forks while this one runs
+        cfg["spare"] = _Spare(cfg)
     cap = int(limits["output_bytes"])
     bufs: dict[str, bytearray] = {
         "stdout": bytearray(),
@@ -449,6 +503,7 @@ def _compile_cpp(cfg: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
         _own(binary, cfg, 0o755)
         return {"compiled": True, "cached": True, "stderr": "", "wall_s": 0.0}
     job = dict(job, argv=[compiler, *flags, "main.cpp", "-o", "main"], stdin="")
+    cfg["jobs_left"] = cfg.get("jobs_left", 1) + 1  # the compiler is a job of its own
     result = _run_job(cfg, job)
     ok = result["exit_code"] == 0 and not result["timed_out"]
     if ok:
@@ -531,12 +586,10 @@ def _fetch(names: list[str], limit: int) -> dict[str, Any]:
     return out
 
 
-def _supervise(sock_fd: int, cfg: dict[str, Any]) -> None:
-    """Body of S: read the request, build its private filesystem, run its jobs, fetch files."""
+def _prepare(cfg: dict[str, Any]) -> dict[str, Any]:
+    """S before its request: private mounts, a fresh working directory, a spare program
+    process. All of it happens while the worker is idle, off the request's critical path."""
     _sys.set_pdeathsig(signal.SIGKILL)
-    request = wire.read_frame(sock_fd)
-    if request is None:
-        return
     if not cfg["apply"]["mount_ns"]:
         raise OSError(errno.ENOSYS, "the sandbox needs a mount namespace for a private /tmp")
     _sys.unshare(_sys.CLONE_NEWNS)
@@ -546,13 +599,21 @@ def _supervise(sock_fd: int, cfg: dict[str, Any]) -> None:
         _sys.mount("tmpfs", "/dev/shm", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "size=64m")
     os.mkdir(WORKDIR, 0o700)
     _own(WORKDIR, cfg, 0o700)
+    cfg = dict(cfg)
+    if cfg["apply"]["pid_ns"]:
+        cfg["own_pid_ns"] = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    cfg["spare"] = _Spare(cfg)
+    return cfg
+
+
+def _serve_request(sock_fd: int, cfg: dict[str, Any], request: dict[str, Any]) -> None:
+    """S with its request: write the files, run the jobs as they arrive, fetch files."""
     source_name = {"python": "main.py", "cpp": "main.cpp", "bash": "main.sh"}[request["language"]]
     files = dict(request.get("files") or {})
     files[source_name] = base64.b64encode(request["code"].encode()).decode()
     _write_inputs(files, cfg)
-    cfg = dict(cfg, code=request["code"], proc_mounted=False)
-    if cfg["apply"]["pid_ns"]:
-        cfg["own_pid_ns"] = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    cfg["code"] = request["code"]
+    cfg["jobs_left"] = int(request.get("jobs", 1))
     while True:
         msg = wire.read_frame(sock_fd)
         if msg is None:
@@ -563,6 +624,7 @@ def _supervise(sock_fd: int, cfg: dict[str, Any]) -> None:
                 reply = _compile_cpp(cfg, job)
                 cfg["compile_failed"] = not reply["compiled"]
             elif cfg.get("compile_failed"):
+                cfg["jobs_left"] -= 1
                 reply = {"skipped": "compilation failed"}
             else:
                 reply = _run_job(cfg, job)
@@ -575,45 +637,70 @@ def _supervise(sock_fd: int, cfg: dict[str, Any]) -> None:
             raise ValueError(f"unknown op {msg['op']!r}")
 
 
+def _supervisor_main(sock_fd: int, cfg: dict[str, Any], done_w: int) -> None:
+    """Body of S; never returns. Tells the zygote, on ``done_w``: ``r`` when it has taken a
+    request, ``k`` when it has answered it, ``e`` when the pool closed the socket."""
+    try:
+        cfg = _prepare(cfg)
+        request = wire.read_frame(sock_fd)
+    except BaseException:
+        traceback.print_exc()  # to the worker's log; no request was taken, none is lost
+        os._exit(1)
+    if request is None:
+        os.write(done_w, b"e")
+        os._exit(0)
+    os.write(done_w, b"r")
+    status = 0
+    try:
+        _serve_request(sock_fd, cfg, request)
+    except BaseException:
+        status = 1
+        with contextlib.suppress(OSError):
+            wire.write_frame(sock_fd, {"type": "error", "message": traceback.format_exc(limit=6)})
+    os.write(done_w, b"k")
+    os._exit(status)
+
+
 # --- the zygote's loop ----------------------------------------------------------------------------
+
+_MAX_PREPARE_FAILURES = 3
 
 
 def serve(sock: socket.socket, cfg: dict[str, Any]) -> None:
-    """Fork a supervisor for each request on ``sock`` until the pool closes it.
+    """Keep one prepared supervisor waiting for the next request, until the pool hangs up.
 
-    The zygote only peeks at the socket: the request is read by the supervisor, after the
-    fork, so that no execution's data ever sits in the zygote's memory."""
+    The zygote never reads the socket: the supervisor, forked before the request exists,
+    reads it, so no execution's data ever sits in the zygote's memory (which every later
+    execution inherits)."""
     sock_fd = sock.fileno()
+    failures = 0
     while True:
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
         except ChildProcessError:
             pass
-        if not sock.recv(1, socket.MSG_PEEK):
-            return
         done_r, done_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(done_r)
-            status = 0
-            try:
-                _supervise(sock_fd, cfg)
-                os.write(done_w, b"k")
-            except BaseException:
-                try:
-                    wire.write_frame(
-                        sock_fd, {"type": "error", "message": traceback.format_exc(limit=6)}
-                    )
-                    os.write(done_w, b"k")
-                except OSError:
-                    pass
-                status = 1
-            os._exit(status)
+            _supervisor_main(sock_fd, cfg, done_w)
         os.close(done_w)
+        state = os.read(done_r, 1)
+        if state == b"e":
+            os.close(done_r)
+            return
+        if not state:  # died preparing: no request was taken
+            os.close(done_r)
+            os.waitpid(pid, 0)
+            failures += 1
+            if failures >= _MAX_PREPARE_FAILURES:
+                raise SystemExit(f"{failures} supervisors in a row failed to prepare")
+            continue
+        failures = 0
         finished = os.read(done_r, 1)
         os.close(done_r)
-        if not finished:  # S died without replying: the pool must not wait forever
+        if not finished:  # S died holding a request: the pool must not wait forever
             _, status = os.waitpid(pid, 0)
             wire.write_frame(
                 sock_fd,
