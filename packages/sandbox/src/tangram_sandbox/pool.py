@@ -12,6 +12,8 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -24,6 +26,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from tangram_core import semconv
 from tangram_core.telemetry import get_tracer
+from tangram_sandbox import wire
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.isolation import Capabilities, capabilities
 from tangram_sandbox.models import (
@@ -325,13 +328,12 @@ class SandboxPool:
             wait = time.monotonic() - submitted
             try:
                 # One write for the whole conversation: no round trip between its steps.
-                frames = self._open_frames(req.language, req.code, req.files, 1)
-                frames.append(self._job_frame(req.language, limits, stdin=req.stdin))
-                frames.append({"op": "finish", "fetch": req.fetch_files})
-                await worker.send_many(frames)
+                job = self._job_frames(req, limits, stdin=req.stdin)
+                fetch = {"op": "fetch", "names": req.fetch_files, "limit": self._fetch_limit}
+                await worker.send(self._compile_frames(req) + job + wire.encode_json(fetch))
                 compiled = await self._compiled(worker, req.language)
-                raw = await self._reply(worker, limits)
-                files = await self._done(worker)
+                raw = await self._read_job(worker, limits)
+                files = await self._read_fetch(worker)
             except WorkerDied as exc:
                 return RunResult(status=RunStatus.SANDBOX_ERROR, error=str(exc), queue_wait_s=wait)
             if compiled is not None:
@@ -372,32 +374,30 @@ class SandboxPool:
             wait = time.monotonic() - submitted
             started = time.monotonic()
             try:
-                frames = self._open_frames(req.language, req.code, req.files, len(req.tests))
-                jobs = [self._test_frame(req.language, limits, t) for t in req.tests]
+                jobs = [self._test_frames(req, limits, t) for t in req.tests]
                 pipelined = not req.stop_on_first_failure
+                end = wire.encode_json({"op": "fetch", "names": []})
                 # Without early stop every test runs: send them all, then read the verdicts.
-                await worker.send_many(
-                    [*frames, *jobs, {"op": "finish", "fetch": []}] if pipelined else frames
-                )
+                head = self._compile_frames(req)
+                await worker.send(head + b"".join(jobs) + end if pipelined else head)
                 compiled = await self._compiled(worker, req.language)
                 for index, test in enumerate(req.tests):
-                    if compiled is not None:
-                        break
                     if not pipelined:
-                        await worker.send_many([jobs[index]])
-                    raw = await self._reply(worker, limits)
+                        if compiled is not None:
+                            break
+                        await worker.send(jobs[index])
+                    raw = await self._read_job(worker, limits)
+                    if compiled is not None:
+                        continue  # skipped by the worker; read to keep the stream in step
                     verdict = _judge(index, test, raw, limits, req.rel_tol)
                     verdicts.append(verdict)
                     if verdict.status is RunStatus.SANDBOX_ERROR:
                         raise WorkerDied(verdict.message or "sandbox error")
                     if not pipelined and not verdict.passed:
                         break
-                if compiled is not None and pipelined:
-                    for _ in req.tests:
-                        await self._reply(worker, limits)
                 if not pipelined:
-                    await worker.send_many([{"op": "finish", "fetch": []}])
-                await self._done(worker)
+                    await worker.send(end)
+                await self._read_fetch(worker)
                 if compiled is not None:
                     return RunTestsResult(
                         status=compiled.status,
@@ -432,22 +432,96 @@ class SandboxPool:
 
     # --- one request's conversation with a worker ----------------------------------------------
 
-    def _open_frames(self, language: str, code: str, files: dict[str, str], jobs: int) -> list[Any]:
-        frames: list[Any] = [{"language": language, "code": code, "files": files, "jobs": jobs}]
-        if language == "cpp":
-            job = {"kind": "compile", "limits": self.config.compile_limits.wire()}
-            frames.append({"op": "job", "job": job})
-        return frames
+    @property
+    def _fetch_limit(self) -> int:
+        return self.config.max_limits.output_bytes
+
+    def _payload(
+        self, req: RunRequest | RunTestsRequest, limits: Limits, **job: Any
+    ) -> dict[str, Any]:
+        return {
+            "language": req.language,
+            "code": req.code,
+            "files": req.files,
+            "limits": limits.wire(),
+            **job,
+        }
+
+    @staticmethod
+    def _frames(meta: dict[str, Any], payload: dict[str, Any]) -> bytes:
+        return wire.encode_json(meta) + wire.encode_typed(
+            wire.PAYLOAD, json.dumps(payload, separators=(",", ":")).encode()
+        )
+
+    def _compile_frames(self, req: RunRequest | RunTestsRequest) -> bytes:
+        if req.language != "cpp":
+            return b""
+        cfg = self.config
+        key = hashlib.sha256(
+            json.dumps([cfg.cpp_compiler, list(cfg.cpp_flags), req.code]).encode()
+        ).hexdigest()
+        limits = cfg.compile_limits
+        argv = [cfg.cpp_compiler, *cfg.cpp_flags, "main.cpp", "-o", "main"]
+        meta = {"op": "job", "compile": key, "limits": limits.wire()}
+        return self._frames(meta, self._payload(req, limits, argv=argv, stdin=""))
+
+    def _job_frames(
+        self,
+        req: RunRequest | RunTestsRequest,
+        limits: Limits,
+        stdin: str = "",
+        fn: dict[str, Any] | None = None,
+    ) -> bytes:
+        job: dict[str, Any] = {"stdin": stdin}
+        if req.language == "cpp":
+            job["argv"] = ["/tmp/work/main"]
+        elif req.language == "bash":
+            job["argv"] = [self.config.bash, _SOURCE["bash"]]
+        if fn is not None:
+            job["fn"] = fn
+        meta = {"op": "job", "limits": limits.wire(), "binary": req.language == "cpp"}
+        return self._frames(meta, self._payload(req, limits, **job))
+
+    def _test_frames(self, req: RunTestsRequest, limits: Limits, test: Any) -> bytes:
+        if isinstance(test, CallTest):
+            fn = {"name": test.fn, "args": test.args, "kwargs": test.kwargs}
+            return self._job_frames(req, limits, fn=fn)
+        return self._job_frames(req, limits, stdin=test.stdin)
+
+    async def _read_job(self, worker: ZygoteWorker, limits: Limits) -> dict[str, Any]:
+        """Collect one job's output frames up to its ``end`` frame."""
+        streams: dict[str, bytearray] = {name: bytearray() for name in wire.STREAMS.values()}
+        deadline = limits.wall_s + self.config.grace_s
+        while True:
+            kind, body = await worker.recv(timeout=deadline)
+            if kind == wire.JSON:
+                break
+            name = wire.STREAMS.get(kind)
+            if name is None:
+                worker.kill()
+                raise WorkerDied(f"sandbox worker sent a {kind!r} frame inside a job")
+            streams[name] += body
+        end: dict[str, Any] = wire.decode(body)
+        if end.get("type") == "error":
+            raise WorkerDied(f"sandbox worker failed: {end.get('message')}")
+        try:
+            side = json.loads(bytes(streams["side"]) or b"{}")
+        except ValueError:
+            side = {"bad_side_channel": True}
+        end["side"] = side if isinstance(side, dict) else {"bad_side_channel": True}
+        end["stdout"] = streams["stdout"].decode("utf-8", "replace")
+        end["stderr"] = streams["stderr"].decode("utf-8", "replace")
+        return end
 
     async def _compiled(self, worker: ZygoteWorker, language: str) -> RunResult | None:
         """Read the compile step's reply (C++); a result when compilation failed."""
         if language != "cpp":
             return None
         limits = self.config.compile_limits
-        raw = await self._reply(worker, limits)
+        raw = await self._read_job(worker, limits)
         if raw.get("compiled"):
             return None
-        if "sandbox_error" in raw or raw.get("side", {}).get("setup_error"):
+        if "sandbox_error" in raw or raw["side"].get("setup_error"):
             raise WorkerDied(raw.get("sandbox_error") or raw["side"]["setup_error"])
         status = RunStatus.TIMEOUT if raw.get("timed_out") else RunStatus.COMPILE_ERROR
         return RunResult(
@@ -459,37 +533,27 @@ class SandboxPool:
             error="compilation failed" if status is RunStatus.COMPILE_ERROR else "compile timeout",
         )
 
-    def _job_frame(
-        self, language: str, limits: Limits, stdin: str = "", fn: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        job: dict[str, Any] = {"kind": "run", "stdin": stdin, "limits": limits.wire()}
-        if language == "cpp":
-            job["argv"] = ["/tmp/work/main"]
-        elif language == "bash":
-            job["argv"] = [self.config.bash, _SOURCE["bash"]]
-        if fn is not None:
-            job["fn"] = fn
-        return {"op": "job", "job": job}
-
-    def _test_frame(self, language: str, limits: Limits, test: Any) -> dict[str, Any]:
-        if isinstance(test, CallTest):
-            fn = {"name": test.fn, "args": test.args, "kwargs": test.kwargs}
-            return self._job_frame(language, limits, fn=fn)
-        return self._job_frame(language, limits, stdin=test.stdin)
-
-    async def _reply(self, worker: ZygoteWorker, limits: Limits) -> dict[str, Any]:
-        msg = await worker.recv(timeout=limits.wall_s + self.config.grace_s)
-        if msg.get("type") == "error":
-            raise WorkerDied(f"sandbox supervisor failed: {msg.get('message')}")
-        result: dict[str, Any] = msg["result"]
-        return result
-
-    async def _done(self, worker: ZygoteWorker) -> dict[str, Any]:
-        msg = await worker.recv(timeout=self.config.grace_s + 5.0)
-        if msg.get("type") == "error":
-            raise WorkerDied(f"sandbox supervisor failed: {msg.get('message')}")
-        files: dict[str, Any] = msg.get("files", {})
-        return files
+    async def _read_fetch(self, worker: ZygoteWorker) -> dict[str, Any]:
+        """Files of the request's last program, then the end of the request."""
+        files: dict[str, Any] = {}
+        while True:
+            msg = await worker.recv_json(timeout=self.config.grace_s + 5.0)
+            if msg.get("type") == "fetched":
+                return files
+            if msg.get("type") == "error":
+                raise WorkerDied(f"sandbox worker failed: {msg.get('message')}")
+            name = msg["name"]
+            if msg.get("error"):
+                files[name] = {"error": msg["error"]}
+                continue
+            kind, body = await worker.recv(timeout=self.config.grace_s + 5.0)
+            if kind != wire.FILE:
+                worker.kill()
+                raise WorkerDied(f"sandbox worker sent a {kind!r} frame for a file")
+            files[name] = {
+                "content_b64": base64.b64encode(body).decode(),
+                "truncated": msg.get("truncated", False),
+            }
 
 
 def _annotate(
@@ -509,6 +573,8 @@ def _classify(raw: dict[str, Any], limits: Limits) -> tuple[RunStatus, str | Non
     side = raw.get("side") or {}
     if "sandbox_error" in raw:
         return RunStatus.SANDBOX_ERROR, str(raw["sandbox_error"])
+    if raw.get("skipped"):
+        return RunStatus.COMPILE_ERROR, str(raw["skipped"])
     if side.get("setup_error"):
         return RunStatus.SANDBOX_ERROR, f"sandbox setup failed: {side['setup_error']}"
     if raw.get("timed_out"):

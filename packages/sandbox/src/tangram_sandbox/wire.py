@@ -69,3 +69,51 @@ def write_frame(fd: int, obj: Any) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+# --- typed frames between the pool and a zygote -----------------------------------------------
+#
+# Each frame is a kind byte, a 4-byte length, then the body. JSON frames carry control data that
+# both ends parse. Every other kind carries bytes of an execution (its job, its output, its
+# files), which the zygote moves with splice(2)/sendfile(2) and never reads into its own memory.
+
+TYPED_HEADER = struct.Struct(">cI")
+JSON = b"J"
+PAYLOAD = b"P"  # pool -> zygote: a job, for the program process
+STDOUT = b"1"
+STDERR = b"2"
+SIDE = b"3"  # the program's side channel (fd 3)
+FILE = b"F"
+STREAMS = {STDOUT: "stdout", STDERR: "stderr", SIDE: "side"}
+
+
+def encode_typed(kind: bytes, body: bytes) -> bytes:
+    return TYPED_HEADER.pack(kind, len(body)) + body
+
+
+def encode_json(obj: Any) -> bytes:
+    return encode_typed(JSON, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def read_typed_header(fd: int) -> tuple[bytes, int] | None:
+    """The next frame's kind and length; ``None`` on a clean end of stream."""
+    head = _read_exact(fd, TYPED_HEADER.size)
+    if head is None:
+        return None
+    kind, size = TYPED_HEADER.unpack(head)
+    if size > MAX_FRAME:
+        raise FrameError(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+    return kind, size
+
+
+def read_json_body(fd: int, size: int) -> Any:
+    body = _read_exact(fd, size) if size else b""
+    if body is None:
+        raise FrameError("peer closed between header and body")
+    return decode(body)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -13,7 +13,6 @@ import fcntl
 import os
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.isolation import cgroup_root, package_root, zygote_command
 
 __all__ = ["Slot", "SlotLeases", "WorkerDied", "ZygoteWorker"]
-
-_HEADER = struct.Struct(">I")
 
 
 class WorkerDied(Exception):
@@ -136,8 +133,8 @@ class ZygoteWorker:
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         worker._reader, worker._writer = reader, writer
         try:
-            ready = await asyncio.wait_for(worker.recv(), config.start_timeout_s)
-        except (WorkerDied, TimeoutError) as exc:
+            ready = await worker.recv_json(config.start_timeout_s)
+        except WorkerDied as exc:
             worker.kill()
             raise WorkerDied(f"sandbox worker failed to start: {worker.stderr_tail()}") from exc
         worker.layers = ready.get("layers", {})
@@ -150,25 +147,27 @@ class ZygoteWorker:
         except (OSError, ValueError):
             return "(no output)"
 
-    async def send_many(self, frames: list[Any]) -> None:
-        """Write ``frames`` in one go (the worker reads them in order)."""
+    async def send(self, data: bytes) -> None:
+        """Write encoded frames (the zygote reads them in order)."""
         if self.dead or self._writer is None:
             raise WorkerDied(f"sandbox worker {self.pid} is gone")
         try:
-            self._writer.write(b"".join(wire.encode(frame) for frame in frames))
+            self._writer.write(data)
             await self._writer.drain()
         except (ConnectionError, OSError) as exc:
             self.dead = True
             raise WorkerDied(f"sandbox worker {self.pid} is gone: {exc}") from exc
 
-    async def recv(self, timeout: float | None = None) -> Any:
+    async def recv(self, timeout: float | None = None) -> tuple[bytes, bytes]:
+        """The next frame's kind and body; the worker is killed when none comes in time."""
         assert self._reader is not None
         try:
-            head = await asyncio.wait_for(self._reader.readexactly(_HEADER.size), timeout)
-            (size,) = _HEADER.unpack(head)
-            if size > wire.MAX_FRAME:
-                raise wire.FrameError(f"frame of {size} bytes")
-            body = await self._reader.readexactly(size)
+            async with asyncio.timeout(timeout):
+                head = await self._reader.readexactly(wire.TYPED_HEADER.size)
+                kind, size = wire.TYPED_HEADER.unpack(head)
+                if size > wire.MAX_FRAME:
+                    raise wire.FrameError(f"frame of {size} bytes")
+                body = await self._reader.readexactly(size)
         except TimeoutError:
             self.kill()
             raise WorkerDied(
@@ -177,6 +176,13 @@ class ZygoteWorker:
         except (asyncio.IncompleteReadError, ConnectionError, wire.FrameError) as exc:
             self.dead = True
             raise WorkerDied(f"sandbox worker {self.pid} died: {self._exit_text()}") from exc
+        return kind, body
+
+    async def recv_json(self, timeout: float | None = None) -> Any:
+        kind, body = await self.recv(timeout)
+        if kind != wire.JSON:
+            self.kill()
+            raise WorkerDied(f"sandbox worker {self.pid} sent a {kind!r} frame out of turn")
         return wire.decode(body)
 
     def _exit_text(self) -> str:

@@ -1,0 +1,223 @@
+"""The program process (P): one per execution, pid 1 of its own pid namespace.
+
+P is forked by the zygote *before* its job exists, as a spare: as root it mounts its private
+``/tmp``, ``/dev/shm`` and ``/proc``, then sheds every privilege (slot uid, no_new_privs, a user
+namespace of its own, seccomp) and waits on fd 4. The job arrives there (the zygote splices it
+from the pool's socket without reading it); P writes the input files itself, as the slot uid,
+lowers its rlimits to the job's, and runs the program: Python in this already-warm
+interpreter, C++ and bash through ``execve``.
+
+Fds of P: 0 stdin (a memfd P fills), 1 stdout, 2 stderr, 3 the side channel to the pool (a
+function test's return value, or how set-up failed), 4 the job (closed once read).
+Stdlib-only: it runs under the system interpreter.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import resource
+import signal
+import sys
+import traceback
+from typing import Any
+
+from tangram_sandbox import _sys, wire
+
+__all__ = ["SETUP_FAILED", "WORKDIR", "spare_main"]
+
+WORKDIR = "/tmp/work"
+SETUP_FAILED = 126
+_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": WORKDIR,
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+}
+_SOURCE = {"python": "main.py", "cpp": "main.cpp", "bash": "main.sh"}
+
+
+def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
+    """As root: private mounts, then shed every privilege, in this order.
+
+    The mounts need root; then the uid drop; then no_new_privs, the user namespace (which
+    leaves no capability outside it) and seccomp, last because it forbids ``unshare``."""
+    # Should the zygote die before this line, P still ends: its job pipe reads end-of-file.
+    _sys.set_pdeathsig(signal.SIGKILL)
+    os.setsid()
+    apply = cfg["apply"]
+    _sys.unshare(_sys.CLONE_NEWNS)
+    nosuid = _sys.MS_NOSUID | _sys.MS_NODEV
+    _sys.mount("tmpfs", "/tmp", "tmpfs", nosuid, f"size={int(cfg['tmp_size_mb'])}m,mode=1777")
+    if os.path.isdir("/dev/shm"):
+        _sys.mount("tmpfs", "/dev/shm", "tmpfs", nosuid, "size=64m,mode=1777")
+    if apply["pid_ns"]:  # a /proc that shows this pid namespace only
+        _sys.mount("proc", "/proc", "proc", nosuid | _sys.MS_NOEXEC)
+    os.mkdir(WORKDIR, 0o700)
+    if apply["slot_uid"]:
+        os.chown(WORKDIR, cfg["uid"], cfg["gid"])
+    os.write(fds["ready"], b"r")  # the zygote may now enter our mount namespace
+    for target, name in enumerate(("stdin", "stdout", "stderr", "result", "go")):
+        os.dup2(fds[name], target)
+    os.closerange(5, 1 << 16)
+    os.chdir(WORKDIR)
+    if apply["slot_uid"]:
+        os.setgroups([])
+        os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
+        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+    _sys.set_no_new_privs()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if apply["user_ns"]:
+        _sys.unshare(_sys.CLONE_NEWUSER)
+    if apply["seccomp"]:
+        cfg["seccomp"].install()
+    os.environ.clear()
+    os.environ.update(_ENV)
+
+
+def _apply_limits(limits: dict[str, Any]) -> None:
+    """The job's rlimits; only ever lowered from what P inherited, so no privilege is needed."""
+    mem = int(limits["memory_mb"]) << 20
+    cpu = max(1, int(-(-limits["cpu_s"] // 1)))
+    fsize = int(limits["file_size_mb"]) << 20
+    for res, soft, hard in (
+        (resource.RLIMIT_AS, mem, mem),
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_FSIZE, fsize, fsize),
+        (resource.RLIMIT_NOFILE, int(limits["open_files"]), int(limits["open_files"])),
+        (resource.RLIMIT_NPROC, int(limits["processes"]), int(limits["processes"])),
+    ):
+        cur_hard = resource.getrlimit(res)[1]
+        if cur_hard != resource.RLIM_INFINITY:
+            hard = min(hard, cur_hard)
+        resource.setrlimit(res, (min(soft, hard), hard))
+
+
+def _safe_parts(name: str) -> list[str]:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or name.startswith("/"):
+        raise ValueError(f"file name {name!r} must be a relative path inside the working dir")
+    return parts
+
+
+def _write_inputs(job: dict[str, Any]) -> None:
+    """The job's files and its source, written by P itself (as the slot uid)."""
+    files = dict(job.get("files") or {})
+    for name, b64 in files.items():
+        parts = _safe_parts(name)
+        if len(parts) > 1:
+            os.makedirs(os.path.join(*parts[:-1]), exist_ok=True)
+        with open(os.path.join(*parts), "wb") as f:
+            f.write(base64.b64decode(b64))
+    with open(_SOURCE[job["language"]], "w", encoding="utf-8") as f:
+        f.write(job["code"])
+    stdin = os.memfd_create("stdin", 0)
+    data = job.get("stdin", "").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(stdin, view) :]
+    os.lseek(stdin, 0, os.SEEK_SET)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+
+
+def _report(obj: dict[str, Any]) -> None:
+    """The side channel (fd 3): a function test's return value, or how the program failed."""
+    with contextlib.suppress(OSError):
+        os.write(3, json.dumps(obj).encode())
+
+
+def _run_python(code: str, job: dict[str, Any], sys_path: list[str]) -> int:
+    """Run ``code`` as ``__main__`` in this (forked, warm) interpreter; the exit status."""
+    import builtins
+    import io
+    import types
+
+    sys.argv = ["main.py"]
+    sys.path[:] = [WORKDIR, *sys_path]
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="replace"
+    )
+    out = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="replace"
+    )
+    err = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+    sys.stdout = sys.__stdout__ = out
+    sys.stderr = sys.__stderr__ = err
+    status = 0
+    try:
+        try:
+            compiled = compile(code, "main.py", "exec")
+        except (SyntaxError, ValueError) as exc:
+            traceback.print_exception(exc, limit=0)
+            _report({"compile_error": True})
+            return 1
+        main = types.ModuleType("__main__")
+        main.__dict__.update({"__builtins__": builtins, "__file__": f"{WORKDIR}/main.py"})
+        sys.modules["__main__"] = main
+        exec(compiled, main.__dict__)
+        fn = job.get("fn")
+        if fn is not None:
+            target = main.__dict__.get(fn["name"])
+            if not callable(target):
+                raise NameError(f"the code defines no function named {fn['name']!r}")
+            value = target(*fn.get("args", []), **fn.get("kwargs", {}))
+            try:
+                encoded = json.dumps({"return": value})
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"return value is not JSON-serialisable: {exc}") from None
+            os.write(3, encoded.encode())
+    except SystemExit as exc:
+        code_ = exc.code
+        status = code_ if isinstance(code_, int) else (0 if code_ is None else 1)
+        if not isinstance(code_, int | None):
+            print(code_, file=sys.stderr)
+    except MemoryError:
+        _report({"memory_error": True})
+        status = 1
+    except BaseException as exc:
+        traceback.print_exception(exc)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    return status & 0xFF
+
+
+def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
+    """Body of P; never returns."""
+    try:
+        _enter_sandbox(cfg, fds)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(fds["result"], json.dumps({"setup_error": repr(exc)}).encode())
+        os._exit(SETUP_FAILED)
+    try:
+        job = wire.read_frame(4)
+        os.close(4)
+        if job is None:  # the zygote is done with this spare
+            os._exit(0)
+        _write_inputs(job)
+        _apply_limits(job["limits"])
+    except BaseException as exc:
+        _report({"setup_error": repr(exc)})
+        os._exit(SETUP_FAILED)
+    status = SETUP_FAILED
+    try:
+        argv = job.get("argv")
+        if argv:
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            os.execve(argv[0], argv, dict(os.environ))
+        status = _run_python(job["code"], job, cfg["sys_path"])
+    except BaseException as exc:
+        _report({"setup_error": repr(exc)})
+    os._exit(status)

@@ -1,0 +1,887 @@
+"""Attacks a sandboxed program can try against the real pool, and what must still hold after.
+
+Why the real pool and no mocks: every property here is the kernel's (namespaces, seccomp,
+rlimits, cgroups, slot uids) as the pool sets it up; a mock would only test itself. Why every
+test ends with :meth:`Sandbox.assert_unharmed`: an attack that "fails" but leaves a process, a
+slot lease, a mount or a descriptor behind, or a worker that answers wrongly, has still won.
+
+Each pool here leases its slot uids from a private range, so that the processes of other pools
+on this host (another test session, a trainer) are never mistaken for our leaks, nor ours for
+theirs. Known sandbox bugs are ``xfail(strict=True)``: the day one is fixed, its test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import pytest
+
+from tangram_sandbox import capabilities
+from tangram_sandbox.models import RunResult, RunStatus
+from tangram_sandbox.pool import SandboxPool
+
+T = TypeVar("T")
+
+#: Layers without which these attacks would simply succeed: testing them there is pointless.
+_NEEDED = ("pid_ns", "mount_ns", "private_tmp", "seccomp", "slot_uid")
+
+
+def _why_skip() -> str | None:
+    if sys.platform != "linux":
+        return "the sandbox needs Linux namespaces"
+    if os.geteuid() != 0:
+        return "security tests need root: slot uids, cgroups and the host's view of /proc"
+    caps = capabilities()
+    missing = [name for name in caps.missing() if name in _NEEDED]
+    if any("Traceback (most recent call last)" in caps.layer(n).detail for n in missing):
+        return None  # the probe crashed: a bug in the sandbox, which the tests must show
+    if missing:
+        return f"isolation layers missing on this host: {', '.join(missing)}"
+    return None
+
+
+_SKIP = _why_skip()
+if _SKIP is not None:
+    pytest.skip(_SKIP, allow_module_level=True)
+
+# Private slot-uid ranges (see the module docstring): the 2-worker pool, the 1-worker pool, and
+# the pools a single test starts and closes (never two of those at once).
+_UID_BASE = 263_000
+_SOLO_UID_BASE = 263_100
+_SCRATCH_UID_BASE = 263_200
+_UID_COUNT = 8
+
+#: Small limits, so that each attack ends in about a second.
+SMALL: dict[str, Any] = {"wall_s": 2, "memory_mb": 256, "processes": 32, "output_bytes": 65536}
+#: What a worker that survived an attack must still answer correctly.
+SANITY = "print(6 * 7)"
+
+
+# --- the host's view of processes ---------------------------------------------------------------
+
+
+class Proc(NamedTuple):
+    pid: int
+    ppid: int
+    uid: int  # real uid as the host sees it (the sandbox's user namespace shows 65534)
+    state: str  # R, S, D, Z, ...
+    name: str
+
+
+def processes() -> list[Proc]:
+    """Every process on the host, from ``/proc/*/status``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields: dict[str, list[str]] = {}
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    fields[key] = value.split()
+        except OSError:  # it exited while we looked
+            continue
+        found.append(
+            Proc(
+                pid=int(entry),
+                ppid=int(fields["PPid"][0]),
+                uid=int(fields["Uid"][0]),
+                state=fields["State"][0],
+                name=fields["Name"][0] if fields.get("Name") else "",
+            )
+        )
+    return found
+
+
+def in_range(pool: SandboxPool) -> list[Proc]:
+    """Live (non-zombie) processes whose real uid is in ``pool``'s slot range. Zombies are left
+    out: they run nothing, hold no memory, and reaping orphans is the host init's job."""
+    lo, count = pool.config.uid_base, pool.config.uid_count
+    return [p for p in processes() if lo <= p.uid < lo + count and p.state != "Z"]
+
+
+def named(pool: SandboxPool, name: str) -> list[Proc]:
+    """Processes of ``pool``'s slot range that renamed themselves ``name`` (see ``VICTIM``)."""
+    return [p for p in in_range(pool) if p.name == name]
+
+
+def kill_all(procs: list[Proc]) -> None:
+    """Clean up after a test that found a leak, so that it does not poison the next one."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+
+
+def _zygote_of(proc: Proc, procs: dict[int, Proc], zygote_uid: dict[int, int]) -> int | None:
+    """The zygote ``proc`` is a spare of (see :func:`leftovers`), or None."""
+    parent = procs.get(proc.ppid)
+    if parent is not None and parent.uid == 0 and parent.pid not in zygote_uid:
+        parent = procs.get(parent.ppid)  # through a root supervisor
+    if parent is not None and zygote_uid.get(parent.pid) == proc.uid:
+        return parent.pid
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def leftovers(pool: SandboxPool) -> list[str]:
+    """What a finished execution left behind: slot-uid processes other than the idle workers'
+    spare programs, and slot-owned files in the host's ``/tmp``.
+
+    A spare is the one process a worker may keep forked ahead of its next request, with the
+    worker's slot uid: a child of its live zygote, or of a root supervisor that the zygote
+    forked. A daemon that escaped would instead hang off the program (or the host's init)."""
+    procs = {p.pid: p for p in processes()}
+    zygote_uid = {w.pid: w.slot.uid for w in pool._workers}
+    spares: dict[int, list[int]] = {}
+    problems = []
+    for proc in in_range(pool):
+        zygote = _zygote_of(proc, procs, zygote_uid)
+        if zygote is not None:
+            spares.setdefault(zygote, []).append(proc.pid)
+        else:
+            problems.append(f"stray process {proc}")
+    problems += [
+        f"zygote {z} keeps {len(pids)} slot-uid children {pids} (one spare at most)"
+        for z, pids in spares.items()
+        if len(pids) > 1
+    ]
+    lo, count = pool.config.uid_base, pool.config.uid_count
+    with os.scandir("/tmp") as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if lo <= entry.stat(follow_symlinks=False).st_uid < lo + count:
+                    problems.append(f"host file {entry.path} owned by a slot uid")
+    return problems
+
+
+async def eventually(predicate: Callable[[], T], timeout: float) -> T:
+    """The first truthy value of ``predicate``, polled; its last value when time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
+def _mount_count() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for _ in f)
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- the pools under attack ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """What an attack must not change (see :meth:`Sandbox.assert_unharmed`)."""
+
+    worker_pids: frozenset[int]
+    replaced: int
+    fds: int
+    mounts: int
+
+
+@dataclass
+class Sandbox:
+    """A started pool and the event loop it lives on, driven from synchronous tests (this
+    repository has no pytest-asyncio; a loop per module keeps one warm pool for all tests)."""
+
+    runner: asyncio.Runner
+    pool: SandboxPool
+
+    def wait(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run ``coro`` on the pool's loop; a hang fails the test instead of blocking it."""
+        return self.runner.run(asyncio.wait_for(coro, timeout))
+
+    def run(self, code: str, language: str = "python", **fields: Any) -> RunResult:
+        return self.wait(self.pool.run(code=code, language=language, **fields))
+
+    def timed(self, code: str, language: str = "python", **fields: Any) -> tuple[RunResult, float]:
+        """A run and how long the caller waited for it."""
+        start = time.monotonic()
+        result = self.run(code, language, **fields)
+        return result, time.monotonic() - start
+
+    def state(self) -> PoolState:
+        return PoolState(
+            worker_pids=frozenset(w.pid for w in self.pool._workers),
+            replaced=self.pool.replaced,
+            fds=_fd_count(),
+            mounts=_mount_count(),
+        )
+
+    def assert_unharmed(self, before: PoolState, replaced: int = 0) -> None:
+        """The pool still answers correctly, with ``replaced`` workers replaced and nothing
+        leaked: no process, file, slot lease, mount or descriptor."""
+        pool = self.pool
+        sane = self.run(SANITY)
+        assert (sane.status, sane.stdout) == (RunStatus.OK, "42\n"), sane
+        clean = self.wait(eventually(lambda: not leftovers(pool), 3.0))
+        assert clean, leftovers(pool)
+        assert pool.size == pool.target, (pool.size, pool.target)
+        assert pool.replaced == before.replaced + replaced
+        workers = {w.pid for w in pool._workers}
+        if replaced == 0:
+            assert workers == before.worker_pids, "a worker died or was replaced"
+        assert all(_alive(pid) for pid in workers)
+        assert not any(_alive(pid) for pid in before.worker_pids - workers)
+        held = pool._leases.held if pool._leases is not None else {}
+        assert set(held) == {w.slot.uid for w in pool._workers}, "slot lease leaked or lost"
+        assert len(held) == pool.size
+        assert _mount_count() == before.mounts, "the host's mount table changed"
+        fds = self.wait(eventually(lambda: _fd_count() == before.fds, 2.0))
+        assert fds, f"this process holds {_fd_count()} descriptors, {before.fds} before"
+
+
+@contextlib.contextmanager
+def started(uid_base: int, workers: int) -> Iterator[Sandbox]:
+    with asyncio.Runner() as runner:
+        pool = SandboxPool(
+            min_workers=workers, max_workers=workers, uid_base=uid_base, uid_count=_UID_COUNT
+        )
+        runner.run(asyncio.wait_for(pool.start(), 60))
+        try:
+            yield Sandbox(runner, pool)
+        finally:
+            runner.run(asyncio.wait_for(pool.close(), 60))
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    """The 2-worker pool most attacks target."""
+    with started(_UID_BASE, 2) as sb:
+        yield sb
+
+
+@pytest.fixture(scope="module")
+def solo() -> Iterator[Sandbox]:
+    """One worker: consecutive runs are sure to share it."""
+    with started(_SOLO_UID_BASE, 1) as sb:
+        yield sb
+
+
+def report(result: RunResult) -> Any:
+    """The JSON a probe program printed (with the run in the message when it printed none)."""
+    assert result.status is RunStatus.OK, result
+    return json.loads(result.stdout)
+
+
+# --- 1. fork bombs -------------------------------------------------------------------------------
+
+FORK_UNTIL_FAIL = "import os\nwhile True:\n    os.fork()\n"
+FORK_FOREVER = (
+    "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("language", "code", "statuses"),
+    [
+        # Every process stops at its first failed fork: the program ends in error.
+        ("python", FORK_UNTIL_FAIL, {RunStatus.RUNTIME_ERROR, RunStatus.TIMEOUT}),
+        # Processes that ignore failed forks never end: only the wall clock stops them.
+        ("python", FORK_FOREVER, {RunStatus.TIMEOUT}),
+        # The script's shell returns as soon as the first pipeline is backgrounded, so it may
+        # well exit 0; what matters is that the bomb dies with it.
+        ("bash", ":(){ :|:& };:", {RunStatus.OK, RunStatus.RUNTIME_ERROR, RunStatus.TIMEOUT}),
+        ("bash", ":(){ :|:& };:\nsleep 30", {RunStatus.TIMEOUT}),
+    ],
+    ids=["python_until_fail", "python_forever", "bash", "bash_then_sleep"],
+)
+def test_fork_bomb_ends_and_leaves_no_process(
+    sandbox: Sandbox, language: str, code: str, statuses: set[RunStatus]
+) -> None:
+    before = sandbox.state()
+    result, took = sandbox.timed(code, language, limits=dict(SMALL, wall_s=1))
+    assert result.status in statuses, result
+    assert took < 1 + 2.0, "the pool waited past the wall limit: a silent worker was killed"
+    sandbox.assert_unharmed(before)
+
+
+def test_fork_bomb_does_not_starve_the_other_slot(sandbox: Sandbox) -> None:
+    """Process limits are per slot (uid and cgroup): a bomb in one worker must leave the other
+    able to fork."""
+    before = sandbox.state()
+    neighbour = (
+        "import os\n"
+        "pids = [os.fork() for _ in range(4)]\n"
+        "if 0 in pids:\n    os._exit(0)\n"
+        "for pid in pids:\n    os.waitpid(pid, 0)\n"
+        "print('forked fine')\n"
+    )
+
+    async def both() -> tuple[RunResult, RunResult]:
+        bomb = asyncio.create_task(sandbox.pool.run(code=FORK_FOREVER, limits=dict(SMALL)))
+        await asyncio.sleep(0.5)  # the bomb has used up its slot's processes by now
+        ok = await sandbox.pool.run(code=neighbour, limits=SMALL)
+        return await bomb, ok
+
+    bomb, ok = sandbox.wait(both())
+    assert bomb.status is RunStatus.TIMEOUT, bomb
+    assert (ok.status, ok.stdout) == (RunStatus.OK, "forked fine\n"), ok
+    sandbox.assert_unharmed(before)
+
+
+# --- 2. memory bombs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "x = bytearray(1 << 30)\n",
+        "x = 'x' * (1 << 30)\n",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))\n",
+    ],
+    ids=["one_gib_bytearray", "one_gib_str", "growing_list"],
+)
+def test_memory_bomb_is_memory_limit(sandbox: Sandbox, code: str) -> None:
+    before = sandbox.state()
+    result, took = sandbox.timed(code, limits=dict(SMALL, memory_mb=256, wall_s=5))
+    assert result.status is RunStatus.MEMORY_LIMIT, result
+    assert took < 4.0, "the limit should stop it long before the wall clock"
+    sandbox.assert_unharmed(before)
+
+
+# --- 3. infinite loops ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "while True:\n    pass\n",
+        "import time\nwhile True:\n    time.sleep(0.05)\n",
+        "import signal, time\n"
+        "for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU):\n"
+        "    signal.signal(sig, signal.SIG_IGN)\n"
+        "while True:\n    time.sleep(0.05)\n",
+    ],
+    ids=["busy", "sleeping", "ignoring_signals"],
+)
+def test_infinite_loop_times_out_at_the_wall_limit(sandbox: Sandbox, code: str) -> None:
+    before = sandbox.state()
+    result, took = sandbox.timed(code, limits=dict(SMALL, wall_s=1))
+    assert result.status is RunStatus.TIMEOUT, result
+    assert 0.9 <= result.wall_s <= 1.5, result.wall_s
+    assert took < 3.0
+    sandbox.assert_unharmed(before)
+
+
+# --- 4. output floods ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("language", "code", "line"),
+    [
+        ("python", "while True:\n    print('x' * 1000)\n", "x" * 1000 + "\n"),
+        ("bash", "yes xxxxxxxx", "xxxxxxxx\n"),
+    ],
+    ids=["python_print", "bash_yes"],
+)
+def test_stdout_flood_is_truncated_and_ends_the_program(
+    sandbox: Sandbox, language: str, code: str, line: str
+) -> None:
+    """Past the cap the sandbox stops reading: the writer gets EPIPE (or SIGPIPE) and ends at
+    once, instead of burning its wall time or the supervisor's memory."""
+    before = sandbox.state()
+    result, took = sandbox.timed(code, language, limits=dict(SMALL, wall_s=5))
+    assert result.stdout_truncated
+    assert 0 < len(result.stdout) <= 65536
+    assert len(result.stdout.encode()) <= 65536
+    assert result.stdout.startswith(line * 3)
+    assert result.status is RunStatus.RUNTIME_ERROR, result
+    assert result.wall_s < 2.0, "it ran on after its output was cut"
+    assert took < 3.0
+    sandbox.assert_unharmed(before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG zygote.py _run_python: printing the traceback of the BrokenPipeError on the "
+    "closed stderr raises again inside `except BaseException`; spare_main reports that as "
+    "setup_error, so a program's own output flood becomes sandbox_error",
+)
+def test_stderr_flood_is_the_programs_error_not_the_sandboxes(sandbox: Sandbox) -> None:
+    before = sandbox.state()
+    code = "import sys\nwhile True:\n    sys.stderr.write('e' * 1000)\n"
+    result, _ = sandbox.timed(code, limits=dict(SMALL, wall_s=5))
+    assert result.stderr_truncated
+    assert len(result.stderr.encode()) <= 65536
+    assert result.status is RunStatus.RUNTIME_ERROR, result
+    sandbox.assert_unharmed(before)
+
+
+# --- 5. writing outside the working directory ----------------------------------------------------
+
+WRITE_PROBE = """
+import json
+result = {}
+for path in json.loads(PATHS):
+    try:
+        with open(path, "a") as f:
+            f.write("escaped")
+        result[path] = "written"
+    except OSError as exc:
+        result[path] = exc.__class__.__name__
+print(json.dumps(result))
+"""
+
+
+def test_writes_outside_the_working_dir_fail_and_never_reach_the_host(sandbox: Sandbox) -> None:
+    """The root is read-only, the compile cache and cgroup files (writable holes kept for the
+    supervisor) are closed to the slot uid, and /tmp and /dev/shm are private tmpfs."""
+    before = sandbox.state()
+    tag = f"tangram-escape-{uuid.uuid4().hex[:12]}"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dirs = ["/", "/etc", "/usr", "/work", "/root", "/var/tmp", repo, sandbox.pool.config.cache_dir]
+    outside = [os.path.join(d, tag) for d in dirs] + ["/etc/passwd"]
+    cgroup_files = []
+    for worker in sandbox.pool._workers:
+        for cgroup in worker.slot.cgroup_dirs.values():
+            for name in ("cgroup.procs", "memory.limit_in_bytes", "memory.max", "pids.max"):
+                if os.path.exists(os.path.join(cgroup, name)):
+                    cgroup_files.append(os.path.join(cgroup, name))
+            outside.append(os.path.join(cgroup, tag))
+    inside = [f"/tmp/work/{tag}", f"/tmp/{tag}", f"/dev/shm/{tag}"]
+    with open("/etc/passwd", "rb") as f:
+        passwd = f.read()
+    code = f"PATHS = {json.dumps(outside + cgroup_files + inside)!r}\n" + WRITE_PROBE
+    result = sandbox.run(code, limits=SMALL, fetch_files=[tag])
+    got = report(result)
+    for path in outside + cgroup_files:
+        assert got[path] != "written", f"the sandbox wrote {path}"
+    for path in inside:
+        assert got[path] == "written", f"the sandbox could not write its own {path}"
+    assert base64.b64decode(result.files[tag]) == b"escaped"
+    for path in outside + inside:
+        if path != "/etc/passwd":
+            assert not os.path.exists(path), f"{path} appeared on the host"
+    with open("/etc/passwd", "rb") as f:
+        assert f.read() == passwd
+    sandbox.assert_unharmed(before)
+
+
+def test_fetching_files_cannot_follow_links_out_of_the_working_dir(sandbox: Sandbox) -> None:
+    """The supervisor fetches files as root: a link planted by the program must not make it
+    read a root-only file (``/etc/shadow``) on the program's behalf."""
+    before = sandbox.state()
+    code = (
+        "import os\n"
+        "os.symlink('/etc/shadow', 'shadow')\n"
+        "os.symlink('/etc', 'etc')\n"
+        "os.mkdir('d')\n"
+        "os.symlink('/etc/shadow', 'd/shadow')\n"
+        "os.symlink('/root', 'root')\n"
+    )
+    fetch = ["shadow", "etc/shadow", "d/shadow", "root/.bashrc", "../../etc/shadow"]
+    result = sandbox.run(code, limits=SMALL, fetch_files=fetch)
+    assert result.status is RunStatus.OK, result
+    assert result.files == {}
+    assert result.error is not None
+    assert all(name in result.error for name in fetch), result.error
+    sandbox.assert_unharmed(before)
+
+
+# --- 6. files of earlier executions --------------------------------------------------------------
+
+LOOK_AROUND = """
+import json, os
+seen = {}
+for d in ("/tmp", "/tmp/work", "/dev/shm"):
+    try:
+        seen[d] = sorted(os.listdir(d))
+    except OSError as exc:
+        seen[d] = exc.__class__.__name__
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("ending", ["exits", "times_out"])
+def test_an_execution_cannot_see_the_files_of_the_previous_one(solo: Sandbox, ending: str) -> None:
+    """Same worker, consecutive requests: each gets a fresh /tmp, /tmp/work and /dev/shm, even
+    when the first was killed at its deadline rather than finishing."""
+    before = solo.state()
+    secret = uuid.uuid4().hex
+    first = (
+        f"open('/tmp/work/secret.txt', 'w').write({secret!r})\n"
+        f"open('/tmp/secret2', 'w').write({secret!r})\n"
+        f"open('/dev/shm/secret3', 'w').write({secret!r})\n"
+        "print('planted', flush=True)\n"
+    ) + ("while True:\n    pass\n" if ending == "times_out" else "")
+    planted = solo.run(first, limits=dict(SMALL, wall_s=1), fetch_files=["secret.txt"])
+    expected = RunStatus.TIMEOUT if ending == "times_out" else RunStatus.OK
+    assert (planted.status, planted.stdout) == (expected, "planted\n"), planted
+    assert base64.b64decode(planted.files["secret.txt"]).decode() == secret
+    second = solo.run(LOOK_AROUND, limits=SMALL, fetch_files=["secret.txt"])
+    seen = report(second)
+    assert seen == {"/tmp": ["work"], "/tmp/work": ["main.py"], "/dev/shm": []}
+    assert second.files == {}
+    assert {w.pid for w in solo.pool._workers} == before.worker_pids, "not the same worker"
+    solo.assert_unharmed(before)
+
+
+# --- 7. network ----------------------------------------------------------------------------------
+
+NET_PROBE = """
+import errno, json, socket, sys
+out = {}
+families = {
+    "inet_tcp": (socket.AF_INET, socket.SOCK_STREAM),
+    "inet_udp": (socket.AF_INET, socket.SOCK_DGRAM),
+    "inet6": (socket.AF_INET6, socket.SOCK_STREAM),
+    "netlink": (socket.AF_NETLINK, socket.SOCK_RAW),
+    "packet": (socket.AF_PACKET, socket.SOCK_RAW),
+}
+for name, (family, kind) in families.items():
+    try:
+        socket.socket(family, kind).close()
+        out[name] = "created"
+    except OSError as exc:
+        out[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+try:
+    socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+    out["connect_tcp"] = "connected"
+except OSError as exc:
+    out["connect_tcp"] = exc.__class__.__name__
+unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    unix.connect(ABSTRACT)
+    out["connect_abstract_unix"] = "connected"
+except OSError as exc:
+    out["connect_abstract_unix"] = exc.__class__.__name__
+with open("/proc/net/dev") as f:
+    out["interfaces"] = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+print(json.dumps(out))
+"""
+
+
+def test_the_network_is_out_of_reach(sandbox: Sandbox) -> None:
+    """Seccomp refuses every socket family but AF_UNIX, and the network namespace has only a
+    loopback; a host listener on 127.0.0.1 or an abstract unix socket sees no connection.
+
+    (``/sys/class/net`` still lists the host's interfaces: sysfs was mounted in the host's
+    network namespace. Names only; ``/proc/net/dev`` is the namespace's own view.)"""
+    before = sandbox.state()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with tcp, abstract:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        tcp.setblocking(False)
+        name = f"\0tangram-security-{uuid.uuid4().hex}"
+        abstract.bind(name)
+        abstract.listen()
+        abstract.setblocking(False)
+        port = tcp.getsockname()[1]
+        code = f"PORT = {port}\nABSTRACT = {name!r}\n" + NET_PROBE
+        got = report(sandbox.run(code, limits=SMALL))
+        for listener in (tcp, abstract):
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+    for family in ("inet_tcp", "inet_udp", "inet6", "netlink", "packet"):
+        assert got[family] == "EPERM", got
+    assert got["connect_tcp"] == "PermissionError", got
+    assert got["connect_abstract_unix"] != "connected", got
+    if capabilities().available("net_ns"):
+        assert got["interfaces"] == ["lo"], got
+    sandbox.assert_unharmed(before)
+
+
+# --- 8. daemons ----------------------------------------------------------------------------------
+
+DAEMON = """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        if DETACH:
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+        time.sleep(1.0)
+        print("LATE", flush=True)
+        open("/tmp/work/late.txt", "w").write("late")
+        time.sleep(30)
+    os._exit(0)
+time.sleep(0.2)
+print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["keeps_stdout", "detached"])
+def test_setsid_daemons_die_with_the_run(sandbox: Sandbox, detach: bool) -> None:
+    """A double-forked, setsid daemon is still in the program's pid namespace, which dies with
+    its pid 1: when the result comes back, nothing of the program may remain."""
+    before = sandbox.state()
+    code = f"DETACH = {detach}\n" + DAEMON
+    result, took = sandbox.timed(code, limits=dict(SMALL, wall_s=5), fetch_files=["late.txt"])
+    # Checked at once: the program's pid 1 is reaped, with its namespace, before the reply.
+    outlived = leftovers(sandbox.pool)
+    assert not outlived, f"the run left these behind: {outlived}"
+    assert (result.status, result.stdout) == (RunStatus.OK, "main done\n"), result
+    assert result.files == {}
+    assert took < 2.0, "the run waited on its daemon"
+    time.sleep(1.2)  # past the daemon's wake-up: had it survived, it would show now
+    sandbox.assert_unharmed(before)
+
+
+# --- 9. the worker dies mid-run ------------------------------------------------------------------
+
+#: A long run that names itself, so that the host can find it among the slot's processes.
+VICTIM = (
+    "import ctypes, time\n"
+    "ctypes.CDLL(None).prctl(15, b'tg-victim', 0, 0, 0)  # PR_SET_NAME\n"
+    "time.sleep(30)\n"
+    "print('woke up')\n"
+)
+
+
+def test_killing_the_worker_mid_run_is_sandbox_error_and_it_is_replaced(
+    sandbox: Sandbox,
+) -> None:
+    pool = sandbox.pool
+    before = sandbox.state()
+
+    async def scenario() -> tuple[RunResult, float, int]:
+        task = asyncio.create_task(pool.run(code=VICTIM, limits={"wall_s": 60}))
+        victims = await eventually(lambda: named(pool, "tg-victim"), 10.0)
+        assert victims, "the victim program never started"
+        worker = next(w for w in pool._workers if w.slot.uid == victims[0].uid)
+        os.kill(worker.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        result = await task
+        took = time.monotonic() - killed
+        replaced = await eventually(
+            lambda: pool.replaced == before.replaced + 1 and pool.size == pool.target, 5.0
+        )
+        assert replaced, (pool.replaced, pool.size)
+        return result, took, worker.pid
+
+    try:
+        result, took, victim = sandbox.wait(scenario())
+        assert result.status is RunStatus.SANDBOX_ERROR, result
+        assert result.stdout == "", "a result from a dead worker"
+        assert result.exit_code is None
+        assert took < 2.0, "the pool noticed the death late"
+        assert victim not in {w.pid for w in pool._workers}
+        after = sandbox.run(SANITY)
+        assert (after.status, after.stdout) == (RunStatus.OK, "42\n")
+    finally:
+        # The orphaned program survives its worker (the xfail below); not this test's subject.
+        kill_all(named(pool, "tg-victim"))
+    sandbox.assert_unharmed(before, replaced=1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG zygote.py _enter_sandbox: PR_SET_PDEATHSIG is set before setresuid(), and the "
+    "kernel clears the parent-death signal when credentials change, so the program outlives "
+    "its killed supervisor (no wall limit then; it keeps the slot uid and cgroup)",
+)
+@pytest.mark.parametrize("how", ["kill_zygote", "cancel_run", "close_without_drain"])
+def test_a_program_never_outlives_its_worker(how: str) -> None:
+    with started(_SCRATCH_UID_BASE, 1) as sb:
+        pool = sb.pool
+
+        async def scenario() -> list[Proc]:
+            task = asyncio.create_task(pool.run(code=VICTIM, limits={"wall_s": 60}))
+            assert await eventually(lambda: named(pool, "tg-victim"), 10.0)
+            if how == "kill_zygote":
+                os.kill(next(iter(pool._workers)).pid, signal.SIGKILL)
+            elif how == "cancel_run":
+                task.cancel()
+            else:
+                await pool.close(drain=False)
+            with contextlib.suppress(asyncio.CancelledError):
+                result = await task
+                assert result.status is RunStatus.SANDBOX_ERROR, result
+            return await eventually(lambda: not named(pool, "tg-victim"), 3.0) or named(
+                pool, "tg-victim"
+            )
+
+        try:
+            survivors = sb.wait(scenario())
+            assert survivors is True, f"the program outlived its worker: {survivors}"
+        finally:
+            kill_all(named(pool, "tg-victim"))
+
+
+# --- 10. load ------------------------------------------------------------------------------------
+
+
+def test_a_thousand_concurrent_programs_each_get_their_own_answer(sandbox: Sandbox) -> None:
+    """A queue 500 deep per worker: no result is lost, duplicated or given to another request."""
+    before = sandbox.state()
+
+    async def flood() -> list[RunResult]:
+        runs = [sandbox.pool.run(code=f"print({i} * {i})", limits=SMALL) for i in range(1000)]
+        return await asyncio.gather(*runs)
+
+    results = sandbox.wait(flood(), timeout=180)
+    assert [r.status for r in results] == [RunStatus.OK] * 1000
+    assert [r.stdout for r in results] == [f"{i * i}\n" for i in range(1000)]
+    sandbox.assert_unharmed(before)
+
+
+# --- privileges ----------------------------------------------------------------------------------
+
+SYSCALL_PROBE = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    ctypes.set_errno(0)
+    ret = getattr(libc, name)(*args)
+    return [ret, errno.errorcode.get(ctypes.get_errno(), "0")]
+net = os.open("/proc/self/ns/net", os.O_RDONLY)
+out = {
+    "ptrace_traceme": call("ptrace", 0, 0, None, None),
+    "ptrace_attach_pid1": call("ptrace", 16, 1, None, None),
+    "mount_tmpfs": call("mount", b"tmpfs", b"/tmp/work", b"tmpfs", 0, None),
+    "remount_root_rw": call("mount", None, b"/", None, 32, None),
+    "umount_proc": call("umount2", b"/proc", 2),
+    "unshare_user": call("unshare", 0x10000000),
+    "unshare_mount": call("unshare", 0x00020000),
+    "unshare_net": call("unshare", 0x40000000),
+    "unshare_pid": call("unshare", 0x20000000),
+    "setns_net": call("setns", net, 0),
+    "chroot": call("chroot", b"/tmp"),
+}
+try:
+    os.setuid(0)
+    out["setuid_root"] = "became root"
+except OSError as exc:
+    out["setuid_root"] = exc.__class__.__name__
+print(json.dumps(out))
+"""
+
+
+def test_ptrace_mount_and_namespace_calls_are_denied(sandbox: Sandbox) -> None:
+    before = sandbox.state()
+    got = report(sandbox.run(SYSCALL_PROBE, limits=SMALL))
+    setuid = got.pop("setuid_root")
+    assert got == {name: [-1, "EPERM"] for name in got}, got
+    assert setuid != "became root"
+    sandbox.assert_unharmed(before)
+
+
+IDENTITY_PROBE = """
+import ctypes, json, os, socket, time
+ctypes.CDLL(None).prctl(15, b"tg-ident", 0, 0, 0)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({
+    "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "pid": os.getpid(),
+    "procs": sorted(p for p in os.listdir("/proc") if p.isdigit()),
+    "hostname": socket.gethostname(),
+    "no_new_privs": status["NoNewPrivs"].strip(), "seccomp": status["Seccomp"].strip(),
+}), flush=True)
+time.sleep(1.0)
+"""
+
+
+def test_programs_run_unprivileged_each_slot_under_its_own_uid(sandbox: Sandbox) -> None:
+    """Inside: not root, pid 1 of a namespace that shows nothing else, no_new_privs, seccomp.
+    From the host: two concurrent programs run under two different slot uids, neither 0."""
+    before = sandbox.state()
+
+    async def pair() -> tuple[list[RunResult], list[Proc]]:
+        runs = asyncio.gather(*(sandbox.pool.run(code=IDENTITY_PROBE) for _ in range(2)))
+        seen = await eventually(lambda: len(named(sandbox.pool, "tg-ident")) == 2, 5.0)
+        procs = named(sandbox.pool, "tg-ident") if seen else []
+        return list(await runs), procs
+
+    results, procs = sandbox.wait(pair())
+    for got in map(report, results):
+        assert 0 not in (got["uid"], got["euid"], got["gid"]), got
+        assert got["pid"] == 1, got
+        assert "1" in got["procs"], got["procs"]
+        assert len(got["procs"]) <= 2, got["procs"]
+        assert (got["no_new_privs"], got["seccomp"]) == ("1", "2"), got
+        if capabilities().available("uts_ns"):
+            assert got["hostname"] != socket.gethostname()
+    assert len(procs) == 2, "both programs should have been running at once"
+    held = set(sandbox.pool._leases.held) if sandbox.pool._leases is not None else set()
+    assert {p.uid for p in procs} == held, (procs, held)
+    assert len({p.uid for p in procs}) == 2
+    assert 0 not in {p.uid for p in procs}
+    sandbox.assert_unharmed(before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG zygote.py _enter_sandbox/pool.py _classify: the result side channel (fd 3) is "
+    "the program's own, so it can forge setup_error (scored as sandbox_error, i.e. dropped "
+    "instead of 0) or memory_error",
+)
+@pytest.mark.parametrize(
+    ("language", "code"),
+    [
+        ("python", 'import os\nos.write(3, b\'{"setup_error": "forged"}\')\n'),
+        ("bash", 'echo \'{"setup_error": "forged"}\' >&3'),
+        ("python", "import os\nos.write(3, b'{\"memory_error\": true}')\n"),
+    ],
+    ids=["python_sandbox_error", "bash_sandbox_error", "python_memory_limit"],
+)
+def test_a_program_cannot_forge_its_status(sandbox: Sandbox, language: str, code: str) -> None:
+    """A program that exits 0 is ``ok``: whatever it writes, it cannot pass for an
+    infrastructure failure (which a trainer drops rather than scores) or a memory kill."""
+    before = sandbox.state()
+    result = sandbox.run(code, language, limits=SMALL)
+    assert result.status is RunStatus.OK, result
+    sandbox.assert_unharmed(before)
+
+
+# --- the pool's own end -------------------------------------------------------------------------
+
+
+def test_closing_the_pool_releases_every_process_slot_and_cgroup() -> None:
+    fds, mounts = _fd_count(), _mount_count()
+    with started(_SCRATCH_UID_BASE, 2) as sb:
+        pool = sb.pool
+        result = sb.run(SANITY)
+        zygotes = {w.pid for w in pool._workers}
+        slots = [w.slot for w in pool._workers]
+        lock_dir = pool.config.lock_dir
+    assert (result.status, result.stdout) == (RunStatus.OK, "42\n")
+    assert not any(_alive(pid) for pid in zygotes)
+    deadline = time.monotonic() + 3.0
+    while in_range(pool) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not in_range(pool), in_range(pool)
+    for slot in slots:
+        for cgroup in slot.cgroup_dirs.values():
+            assert not os.path.exists(cgroup), f"cgroup {cgroup} left behind"
+        fd = os.open(os.path.join(lock_dir, f"{slot.uid}.lock"), os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pytest.fail(f"slot uid {slot.uid} is still leased")
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    assert (_fd_count(), _mount_count()) == (fds, mounts)
