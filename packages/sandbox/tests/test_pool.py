@@ -66,7 +66,8 @@ def test_each_failure_has_its_own_status() -> None:
     assert "error" in got["cpp"].stderr
 
 
-def test_run_tests_judges_stdin_and_function_tests() -> None:
+@pytest.mark.parametrize("isolation", ["batch", "per_test"])
+def test_run_tests_judges_stdin_and_function_tests(isolation: str) -> None:
     code = (
         "def add(a, b):\n    return a + b\n"
         "if __name__ == '__main__':\n    print(add(*map(int, input().split())))\n"
@@ -83,9 +84,13 @@ def test_run_tests_judges_stdin_and_function_tests() -> None:
             {"fn": "missing", "expected": 0},
         ]
         return [
-            await pool.run_tests(code=code, tests=stdin_tests),
-            await pool.run_tests(code="import sys\n" + code.split("if")[0], tests=calls),
-            await pool.run_tests(code=code, tests=stdin_tests, stop_on_first_failure=True),
+            await pool.run_tests(code=code, tests=stdin_tests, isolation=isolation),
+            await pool.run_tests(
+                code="import sys\n" + code.split("if")[0], tests=calls, isolation=isolation
+            ),
+            await pool.run_tests(
+                code=code, tests=stdin_tests, stop_on_first_failure=True, isolation=isolation
+            ),
         ]
 
     stdin_res, call_res, stopped = with_pool(body)
@@ -181,3 +186,45 @@ def test_strict_isolation_refuses_when_a_layer_is_missing() -> None:
 
     with pytest.raises(SandboxUnavailable, match=r"isolation='strict'.*user_ns"):
         asyncio.run(go())
+
+
+def test_batch_survives_a_test_that_kills_or_hangs_its_process() -> None:
+    code = (
+        "import os, time\n"
+        "n = int(input())\n"
+        "if n == 2:\n    os._exit(9)\n"
+        "if n == 4:\n    time.sleep(30)\n"
+        "if n == 5:\n    x = bytearray(1 << 30)\n"
+        "print(n * 10)\n"
+    )
+    tests = [{"stdin": str(i), "expected_stdout": str(i * 10)} for i in range(8)]
+
+    async def body(pool: SandboxPool) -> Any:
+        limits = {"wall_s": 1.0, "memory_mb": 256}
+        return await pool.run_tests(code=code, tests=tests, limits=limits)
+
+    res = with_pool(body)
+    assert res.status is RunStatus.OK
+    assert [v.index for v in res.verdicts] == list(range(8))
+    by_index = {v.index: v for v in res.verdicts}
+    assert by_index[2].status is RunStatus.RUNTIME_ERROR
+    assert by_index[4].status is RunStatus.TIMEOUT
+    assert by_index[5].status is RunStatus.MEMORY_LIMIT
+    assert [i for i, v in by_index.items() if v.passed] == [0, 1, 3, 6, 7]
+
+
+def test_batch_runs_cpp_and_bash_tests_as_child_processes(tmp_path: Any) -> None:
+    tests = [{"stdin": f"{i} {i}", "expected_stdout": str(2 * i)} for i in range(6)]
+
+    async def body(pool: SandboxPool) -> list[Any]:
+        return [
+            await pool.run_tests(code=CPP_SUM, language="cpp", tests=tests),
+            await pool.run_tests(code="read a b; echo $((a + b))", language="bash", tests=tests),
+            await pool.run_tests(code="int main( {", language="cpp", tests=tests),
+        ]
+
+    cpp, bash, broken = with_pool(body, cache_dir=str(tmp_path))
+    assert (cpp.status, cpp.passed) == (RunStatus.OK, 6)
+    assert (bash.status, bash.passed) == (RunStatus.OK, 6)
+    assert broken.status is RunStatus.COMPILE_ERROR
+    assert broken.verdicts == []

@@ -143,6 +143,12 @@ class RunTestsRequest(_CodeRequest):
 
     tests: list[StdinTest | CallTest] = Field(..., min_length=1, max_length=10_000)
     stop_on_first_failure: bool = False
+    isolation: Literal["batch", "per_test"] = Field(
+        "batch",
+        description="'batch': one sandbox runs every test in turn (Python tests with fresh "
+        "globals in one warm interpreter, C++/bash tests as child processes), several times "
+        "faster; 'per_test': a fresh sandbox (process, namespaces, /tmp) for each test.",
+    )
     rel_tol: float = Field(1e-6, ge=0, le=1)
 
     @model_validator(mode="after")

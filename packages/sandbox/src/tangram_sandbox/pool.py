@@ -374,6 +374,23 @@ class SandboxPool:
             wait = time.monotonic() - submitted
             started = time.monotonic()
             try:
+                if req.isolation == "batch":
+                    compiled = await self._batch_tests(worker, req, limits, verdicts)
+                    if compiled is not None:
+                        return RunTestsResult(
+                            status=compiled.status,
+                            passed=0,
+                            total=total,
+                            pass_fraction=0.0,
+                            verdicts=[],
+                            error=compiled.error,
+                            queue_wait_s=wait,
+                        )
+                    if req.stop_on_first_failure:
+                        first_bad = next((v.index for v in verdicts if not v.passed), None)
+                        if first_bad is not None:
+                            del verdicts[first_bad + 1 :]
+                    return self._tests_result(verdicts, total, wait, started)
                 jobs = [self._test_frames(req, limits, t) for t in req.tests]
                 pipelined = not req.stop_on_first_failure
                 end = wire.encode_json({"op": "fetch", "names": []})
@@ -432,6 +449,99 @@ class SandboxPool:
 
     # --- one request's conversation with a worker ----------------------------------------------
 
+    @staticmethod
+    def _tests_result(
+        verdicts: list[TestVerdict], total: int, wait: float, started: float
+    ) -> RunTestsResult:
+        passed = sum(v.passed for v in verdicts)
+        return RunTestsResult(
+            status=RunStatus.OK,
+            passed=passed,
+            total=total,
+            pass_fraction=passed / total,
+            verdicts=verdicts,
+            queue_wait_s=wait,
+            wall_s=time.monotonic() - started,
+        )
+
+    async def _batch_tests(
+        self,
+        worker: ZygoteWorker,
+        req: RunTestsRequest,
+        limits: Limits,
+        verdicts: list[TestVerdict],
+    ) -> RunResult | None:
+        """Run the tests in as few program processes as possible (see :mod:`.batch`); append
+        verdicts in order. A compile failure is returned instead."""
+        total = len(req.tests)
+        start = 0
+        frames = self._compile_frames(req) + self._batch_frames(req, limits, start)
+        await worker.send(frames)
+        compiled = await self._compiled(worker, req.language)
+        while True:
+            batch_limits = self._batch_limits(limits, total - start)
+            raw = await self._read_job(worker, batch_limits, lines=True)
+            if compiled is not None:
+                break
+            if "sandbox_error" in raw or raw["records"] is None:
+                raise WorkerDied(raw.get("sandbox_error") or "a batch sent no readable records")
+            for record in raw["records"]:
+                index = int(record.get("i", -1))
+                if index != start or index >= total:
+                    raise WorkerDied(f"batch record out of order: {index} (expected {start})")
+                verdicts.append(_judge(index, req.tests[index], record, limits, req.rel_tol))
+                start += 1
+            if start >= total:
+                break
+            # The process ended while running test `start`: that test's fate is the process's.
+            status, message = _classify(raw, self._batch_limits(limits, total - start))
+            if status is RunStatus.SANDBOX_ERROR:
+                raise WorkerDied(message or "sandbox error")
+            if status is RunStatus.OK:
+                status, message = RunStatus.RUNTIME_ERROR, "the program ended the test run early"
+            verdicts.append(
+                TestVerdict(
+                    index=start,
+                    passed=False,
+                    status=status,
+                    stdout="",
+                    stderr=raw.get("stderr", "")[-4096:],
+                    message=message,
+                )
+            )
+            start += 1
+            if start >= total:
+                break
+            await worker.send(self._batch_frames(req, limits, start))
+        await worker.send(wire.encode_json({"op": "fetch", "names": []}))
+        await self._read_fetch(worker)
+        return compiled
+
+    def _batch_limits(self, per_test: Limits, n: int) -> Limits:
+        cap = self.config.max_limits
+        return per_test.model_copy(
+            update={
+                "wall_s": min(per_test.wall_s * n + 1.0, cap.wall_s),
+                "cpu_s": min(per_test.effective_cpu_s() * n + 1.0, cap.effective_cpu_s()),
+            }
+        )
+
+    def _batch_frames(self, req: RunTestsRequest, limits: Limits, start: int) -> bytes:
+        tests: list[dict[str, Any]] = []
+        for test in req.tests[start:]:
+            if isinstance(test, CallTest):
+                tests.append({"fn": {"name": test.fn, "args": test.args, "kwargs": test.kwargs}})
+            else:
+                tests.append({"stdin": test.stdin})
+        batch_limits = self._batch_limits(limits, len(tests))
+        job: dict[str, Any] = {"tests": tests, "first": start, "test_limits": limits.wire()}
+        if req.language == "cpp":
+            job["argv"] = ["/tmp/work/main"]
+        elif req.language == "bash":
+            job["argv"] = [self.config.bash, _SOURCE["bash"]]
+        meta = {"op": "job", "limits": batch_limits.wire(), "binary": req.language == "cpp"}
+        return self._frames(meta, self._payload(req, batch_limits, **job))
+
     @property
     def _fetch_limit(self) -> int:
         return self.config.max_limits.output_bytes
@@ -488,8 +598,11 @@ class SandboxPool:
             return self._job_frames(req, limits, fn=fn)
         return self._job_frames(req, limits, stdin=test.stdin)
 
-    async def _read_job(self, worker: ZygoteWorker, limits: Limits) -> dict[str, Any]:
-        """Collect one job's output frames up to its ``end`` frame."""
+    async def _read_job(
+        self, worker: ZygoteWorker, limits: Limits, lines: bool = False
+    ) -> dict[str, Any]:
+        """Collect one job's output frames up to its ``end`` frame (``lines``: the side
+        channel holds a batch's JSON-lines records)."""
         streams: dict[str, bytearray] = {name: bytearray() for name in wire.STREAMS.values()}
         deadline = limits.wall_s + self.config.grace_s
         while True:
@@ -504,11 +617,20 @@ class SandboxPool:
         end: dict[str, Any] = wire.decode(body)
         if end.get("type") == "error":
             raise WorkerDied(f"sandbox worker failed: {end.get('message')}")
-        try:
-            side = json.loads(bytes(streams["side"]) or b"{}")
-        except ValueError:
-            side = {"bad_side_channel": True}
-        end["side"] = side if isinstance(side, dict) else {"bad_side_channel": True}
+        if lines:
+            try:
+                records = [json.loads(line) for line in bytes(streams["side"]).splitlines()]
+                end["records"] = [r for r in records if isinstance(r, dict)]
+            except ValueError:  # a cut-off last line: keep the whole ones
+                whole = bytes(streams["side"]).rsplit(b"\n", 1)[0]
+                end["records"] = [json.loads(x) for x in whole.splitlines() if x.strip()]
+            end["side"] = {}
+        else:
+            try:
+                side = json.loads(bytes(streams["side"]) or b"{}")
+            except ValueError:
+                side = {"bad_side_channel": True}
+            end["side"] = side if isinstance(side, dict) else {"bad_side_channel": True}
         end["stdout"] = streams["stdout"].decode("utf-8", "replace")
         end["stderr"] = streams["stderr"].decode("utf-8", "replace")
         return end

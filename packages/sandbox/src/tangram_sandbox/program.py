@@ -130,66 +130,97 @@ def _report(obj: dict[str, Any]) -> None:
         os.write(3, json.dumps(obj).encode())
 
 
-def _run_python(code: str, job: dict[str, Any], sys_path: list[str]) -> int:
-    """Run ``code`` as ``__main__`` in this (forked, warm) interpreter; the exit status."""
-    import builtins
+def bind_stdio() -> None:
+    """Fresh ``sys.std*`` objects over fds 0-2 (the zygote's own may hold buffered bytes)."""
     import io
-    import types
 
-    sys.argv = ["main.py"]
-    sys.path[:] = [WORKDIR, *sys_path]
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(
         io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="replace"
     )
-    out = io.TextIOWrapper(
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
         io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="replace"
     )
-    err = io.TextIOWrapper(
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
         io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
         encoding="utf-8",
         errors="backslashreplace",
         line_buffering=True,
     )
-    sys.stdout = sys.__stdout__ = out
-    sys.stderr = sys.__stderr__ = err
-    status = 0
+
+
+def flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
+def compile_program(code: str) -> Any:
+    """The code object, or ``None`` after printing the syntax error to stderr."""
     try:
-        try:
-            compiled = compile(code, "main.py", "exec")
-        except (SyntaxError, ValueError) as exc:
-            traceback.print_exception(exc, limit=0)
-            _report({"compile_error": True})
-            return 1
-        main = types.ModuleType("__main__")
-        main.__dict__.update({"__builtins__": builtins, "__file__": f"{WORKDIR}/main.py"})
-        sys.modules["__main__"] = main
+        return compile(code, "main.py", "exec")
+    except (SyntaxError, ValueError) as exc:
+        traceback.print_exception(exc, limit=0)
+        return None
+
+
+def exec_program(
+    compiled: Any, fn: dict[str, Any] | None, passthrough: tuple[type[BaseException], ...] = ()
+) -> tuple[int, dict[str, Any]]:
+    """Run the program as ``__main__`` with fresh globals, then call ``fn`` if given.
+
+    Returns the exit status and the side-channel facts (a function's return value, a memory
+    error). Exceptions in ``passthrough`` (the batch harness's timeout) propagate."""
+    import builtins
+    import types
+
+    side: dict[str, Any] = {}
+    status = 0
+    main = types.ModuleType("__main__")
+    main.__dict__.update({"__builtins__": builtins, "__file__": f"{WORKDIR}/main.py"})
+    sys.modules["__main__"] = main
+    try:
         exec(compiled, main.__dict__)
-        fn = job.get("fn")
         if fn is not None:
             target = main.__dict__.get(fn["name"])
             if not callable(target):
                 raise NameError(f"the code defines no function named {fn['name']!r}")
             value = target(*fn.get("args", []), **fn.get("kwargs", {}))
             try:
-                encoded = json.dumps({"return": value})
+                json.dumps(value)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"return value is not JSON-serialisable: {exc}") from None
-            os.write(3, encoded.encode())
+            side["return"] = value
+    except passthrough:
+        raise
     except SystemExit as exc:
         code_ = exc.code
         status = code_ if isinstance(code_, int) else (0 if code_ is None else 1)
         if not isinstance(code_, int | None):
             print(code_, file=sys.stderr)
     except MemoryError:
-        _report({"memory_error": True})
+        side["memory_error"] = True
         status = 1
     except BaseException as exc:
         traceback.print_exception(exc)
         status = 1
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    return status & 0xFF
+    return status & 0xFF, side
+
+
+def _run_python(code: str, job: dict[str, Any], sys_path: list[str]) -> int:
+    """Run ``code`` as ``__main__`` in this (forked, warm) interpreter; the exit status."""
+    sys.argv = ["main.py"]
+    sys.path[:] = [WORKDIR, *sys_path]
+    bind_stdio()
+    compiled = compile_program(code)
+    if compiled is None:
+        flush_stdio()
+        _report({"compile_error": True})
+        return 1
+    status, side = exec_program(compiled, job.get("fn"))
+    flush_stdio()
+    if side:
+        _report(side)
+    return status
 
 
 def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
@@ -212,6 +243,11 @@ def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
         os._exit(SETUP_FAILED)
     status = SETUP_FAILED
     try:
+        if job.get("tests") is not None:
+            from tangram_sandbox.batch import run_batch
+
+            run_batch(job, cfg["sys_path"])
+            os._exit(0)
         argv = job.get("argv")
         if argv:
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
