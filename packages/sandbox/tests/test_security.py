@@ -7,7 +7,7 @@ slot lease, a mount or a descriptor behind, or a worker that answers wrongly, ha
 
 Each pool here leases its slot uids from a private range, so that the processes of other pools
 on this host (another test session, a trainer) are never mistaken for our leaks, nor ours for
-theirs. Known sandbox bugs are ``xfail(strict=True)``: the day one is fixed, its test says so.
+theirs. Each bug this suite found is fixed, and its test stays as the regression guard.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import pytest
 from tangram_sandbox import capabilities
 from tangram_sandbox.models import RunResult, RunStatus
 from tangram_sandbox.pool import SandboxPool
+from tangram_sandbox.worker import Slot
 
 T = TypeVar("T")
 
@@ -430,12 +431,6 @@ def test_stdout_flood_is_truncated_and_ends_the_program(
     sandbox.assert_unharmed(before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG program.py _run_python: printing the traceback of the BrokenPipeError on the "
-    "closed stderr raises again inside `except BaseException`; spare_main reports that as "
-    "setup_error, so a program's own output flood becomes sandbox_error",
-)
 def test_stderr_flood_is_the_programs_error_not_the_sandboxes(sandbox: Sandbox) -> None:
     before = sandbox.state()
     code = "import sys\nwhile True:\n    sys.stderr.write('e' * 1000)\n"
@@ -702,17 +697,11 @@ def test_killing_the_worker_mid_run_is_sandbox_error_and_it_is_replaced(
         after = sandbox.run(SANITY)
         assert (after.status, after.stdout) == (RunStatus.OK, "42\n")
     finally:
-        # The orphaned program survives its worker (the xfail below); not this test's subject.
+        # Belt and braces: a program left behind would be another test's failure.
         kill_all(named(pool, "tg-victim"))
     sandbox.assert_unharmed(before, replaced=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG program.py _enter_sandbox: PR_SET_PDEATHSIG is set before setresuid(), and the "
-    "kernel clears the parent-death signal when credentials change, so the program outlives "
-    "its killed supervisor (no wall limit then; it keeps the slot uid and cgroup)",
-)
 @pytest.mark.parametrize("how", ["kill_zygote", "cancel_run", "close_without_drain"])
 def test_a_program_never_outlives_its_worker(how: str) -> None:
     with started(_SCRATCH_UID_BASE, 1) as sb:
@@ -730,13 +719,12 @@ def test_a_program_never_outlives_its_worker(how: str) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 result = await task
                 assert result.status is RunStatus.SANDBOX_ERROR, result
-            return await eventually(lambda: not named(pool, "tg-victim"), 3.0) or named(
-                pool, "tg-victim"
-            )
+            await eventually(lambda: not named(pool, "tg-victim"), 3.0)
+            return named(pool, "tg-victim")
 
         try:
             survivors = sb.wait(scenario())
-            assert survivors is True, f"the program outlived its worker: {survivors}"
+            assert not survivors, f"the program outlived its worker: {survivors}"
         finally:
             kill_all(named(pool, "tg-victim"))
 
@@ -841,12 +829,6 @@ def test_programs_run_unprivileged_each_slot_under_its_own_uid(sandbox: Sandbox)
     sandbox.assert_unharmed(before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG program.py _enter_sandbox/pool.py _classify: the result side channel (fd 3) is "
-    "the program's own, so it can forge setup_error (scored as sandbox_error, i.e. dropped "
-    "instead of 0) or memory_error",
-)
 @pytest.mark.parametrize(
     ("language", "code"),
     [
@@ -865,17 +847,64 @@ def test_a_program_cannot_forge_its_status(sandbox: Sandbox, language: str, code
     sandbox.assert_unharmed(before)
 
 
+# --- the same attacks through run_tests ---------------------------------------------------------
+
+ECHO_AFTER_DAEMON = DAEMON.replace('print("main done", flush=True)', "print(input())")
+
+
+@pytest.mark.parametrize(
+    ("code", "verdict"),
+    [
+        ("DETACH = False\n" + ECHO_AFTER_DAEMON, RunStatus.OK),
+        (FORK_FOREVER, RunStatus.TIMEOUT),
+        ("x = bytearray(1 << 30)\n", RunStatus.MEMORY_LIMIT),
+    ],
+    ids=["daemon", "fork_bomb", "memory_bomb"],
+)
+def test_run_tests_contains_each_attack_and_judges_it(
+    sandbox: Sandbox, code: str, verdict: RunStatus
+) -> None:
+    """A batch shares one sandbox between its tests: an attack in one test must still be that
+    test's verdict, and leave nothing behind once the batch is over."""
+    before = sandbox.state()
+    tests = [{"stdin": str(i), "expected_stdout": str(i)} for i in range(2)]
+    limits = dict(SMALL, wall_s=1)
+    result = sandbox.wait(sandbox.pool.run_tests(code=code, tests=tests, limits=limits))
+    assert result.status is RunStatus.OK, result
+    assert [v.status for v in result.verdicts] == [verdict, verdict], result.verdicts
+    assert result.passed == (2 if verdict is RunStatus.OK else 0)
+    sandbox.assert_unharmed(before)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import os\nos.write(3, b'garbage')\nprint(input())\n",
+        'import os\nos.write(3, b\'{"setup_error": "forged"}\\n\')\nprint(input())\n',
+        "import sys\nprint(input(), flush=True)\nwhile True:\n    sys.stderr.write('e' * 1000)\n",
+    ],
+    ids=["garbage", "forged_record", "stderr_flood"],
+)
+def test_a_program_cannot_turn_its_batch_into_a_sandbox_error(sandbox: Sandbox, code: str) -> None:
+    before = sandbox.state()
+    tests = [{"stdin": str(i), "expected_stdout": str(i)} for i in range(2)]
+    result = sandbox.wait(sandbox.pool.run_tests(code=code, tests=tests, limits=SMALL))
+    assert result.status is RunStatus.OK, result
+    assert RunStatus.SANDBOX_ERROR not in {v.status for v in result.verdicts}, result.verdicts
+    sandbox.assert_unharmed(before)
+
+
 # --- the pool's own end -------------------------------------------------------------------------
 
 
-def _close_a_used_pool() -> list[Any]:
-    """Start a 2-worker pool, run once, close it; its zygote pids and slots."""
+def _close_a_used_pool() -> tuple[SandboxPool, set[int], list[Slot]]:
+    """Start a 2-worker pool, run once, close it; the pool, its zygote pids and its slots."""
     with started(_SCRATCH_UID_BASE, 2, tidy=False) as sb:
         result = sb.run(SANITY)
         assert (result.status, result.stdout) == (RunStatus.OK, "42\n")
         zygotes = {w.pid for w in sb.pool._workers}
         slots = [w.slot for w in sb.pool._workers]
-    return [sb.pool, zygotes, slots]
+    return sb.pool, zygotes, slots
 
 
 def test_closing_the_pool_releases_every_process_and_slot() -> None:
@@ -899,12 +928,6 @@ def test_closing_the_pool_releases_every_process_and_slot() -> None:
     assert (_fd_count(), _mount_count()) == (fds, mounts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG worker.py SlotLeases.release: it rmdirs the slot's cgroups as soon as the "
-    "zygote is reaped, while the zygote's spare program (still in those cgroups) is only "
-    "just reading end-of-file; rmdir fails EBUSY, silently, and the directories stay",
-)
 def test_closing_the_pool_removes_its_cgroups() -> None:
     _, _, slots = _close_a_used_pool()
     left = [d for slot in slots for d in slot.cgroup_dirs.values() if os.path.exists(d)]

@@ -14,6 +14,7 @@ own failures (runtime error, timeout, wrong answer) are results, returned as the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,7 +22,13 @@ from pydantic import ValidationError
 from tangram_core.actions import Action
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
 from tangram_sandbox.config import PoolConfig
-from tangram_sandbox.models import RunRequest, RunStatus, RunTestsRequest
+from tangram_sandbox.models import (
+    RunRequest,
+    RunResult,
+    RunStatus,
+    RunTestsRequest,
+    RunTestsResult,
+)
 from tangram_sandbox.pool import SandboxPool
 
 __all__ = ["KIND_RUN", "KIND_RUN_TESTS", "SandboxManager"]
@@ -72,7 +79,7 @@ class SandboxManager(ResourceManager):
             raise ActionError(
                 "InvalidPayload", f"action {action.id!r} ({action.kind}): {problems}"
             ) from None
-        call = (
+        call: Coroutine[Any, Any, RunResult | RunTestsResult] = (
             self.pool.run_tests(request)
             if isinstance(request, RunTestsRequest)
             else self.pool.run(request)

@@ -208,7 +208,7 @@ class SandboxPool:
         try:
             worker = await ZygoteWorker.start(self.config, slot, self._apply)
         except (WorkerDied, OSError) as exc:
-            self._leases.release(slot)
+            await self._leases.release(slot)
             self._starting -= 1
             self._start_failures += 1
             logger.error("sandbox worker failed to start: %s", exc)
@@ -256,7 +256,7 @@ class SandboxPool:
             self.replaced += 1
         await worker.close()
         assert self._leases is not None
-        self._leases.release(worker.slot)
+        await self._leases.release(worker.slot)
         self._fill()
 
     # --- dispatch -----------------------------------------------------------------------------
@@ -483,13 +483,14 @@ class SandboxPool:
             raw = await self._read_job(worker, batch_limits, lines=True)
             if compiled is not None:
                 break
-            if "sandbox_error" in raw or raw["records"] is None:
-                raise WorkerDied(raw.get("sandbox_error") or "a batch sent no readable records")
+            if "sandbox_error" in raw:
+                raise WorkerDied(raw["sandbox_error"])
+            tampered = False
             for record in raw["records"]:
-                index = int(record.get("i", -1))
-                if index != start or index >= total:
-                    raise WorkerDied(f"batch record out of order: {index} (expected {start})")
-                verdicts.append(_judge(index, req.tests[index], record, limits, req.rel_tol))
+                if record is None or record.get("i") != start or start >= total:
+                    tampered = True  # the program wrote on the harness's channel
+                    break
+                verdicts.append(_judge(start, req.tests[start], record, limits, req.rel_tol))
                 start += 1
             if start >= total:
                 break
@@ -497,7 +498,9 @@ class SandboxPool:
             status, message = _classify(raw, self._batch_limits(limits, total - start))
             if status is RunStatus.SANDBOX_ERROR:
                 raise WorkerDied(message or "sandbox error")
-            if status is RunStatus.OK:
+            if tampered:
+                status, message = RunStatus.RUNTIME_ERROR, "the program wrote on fd 3"
+            elif status is RunStatus.OK:
                 status, message = RunStatus.RUNTIME_ERROR, "the program ended the test run early"
             verdicts.append(
                 TestVerdict(
@@ -618,12 +621,7 @@ class SandboxPool:
         if end.get("type") == "error":
             raise WorkerDied(f"sandbox worker failed: {end.get('message')}")
         if lines:
-            try:
-                records = [json.loads(line) for line in bytes(streams["side"]).splitlines()]
-                end["records"] = [r for r in records if isinstance(r, dict)]
-            except ValueError:  # a cut-off last line: keep the whole ones
-                whole = bytes(streams["side"]).rsplit(b"\n", 1)[0]
-                end["records"] = [json.loads(x) for x in whole.splitlines() if x.strip()]
+            end["records"] = _parse_records(bytes(streams["side"]))
             end["side"] = {}
         else:
             try:
@@ -643,8 +641,8 @@ class SandboxPool:
         raw = await self._read_job(worker, limits)
         if raw.get("compiled"):
             return None
-        if "sandbox_error" in raw or raw["side"].get("setup_error"):
-            raise WorkerDied(raw.get("sandbox_error") or raw["side"]["setup_error"])
+        if "sandbox_error" in raw:
+            raise WorkerDied(raw["sandbox_error"])
         status = RunStatus.TIMEOUT if raw.get("timed_out") else RunStatus.COMPILE_ERROR
         return RunResult(
             status=status,
@@ -678,6 +676,40 @@ class SandboxPool:
             }
 
 
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "i": int,
+    "exit_code": int,
+    "timed_out": bool,
+    "stdout": str,
+    "stderr": str,
+    "stdout_truncated": bool,
+    "wall_s": (int, float),
+    "cpu_s": (int, float),
+    "side": dict,
+}
+
+
+def _parse_records(data: bytes) -> list[dict[str, Any] | None]:
+    """A batch's JSON-lines records. The program shares the channel, so anything malformed
+    ends the list with ``None`` (judged as the program's fault, never the sandbox's)."""
+    records: list[dict[str, Any] | None] = []
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or any(
+            key in record and not isinstance(record[key], kind)
+            for key, kind in _RECORD_TYPES.items()
+        ):
+            records.append(None)
+            break
+        records.append(record)
+    return records
+
+
 def _annotate(
     span: Any, status: RunStatus, queue_wait_s: float, wall_s: float, cpu_s: float | None
 ) -> None:
@@ -697,18 +729,17 @@ def _classify(raw: dict[str, Any], limits: Limits) -> tuple[RunStatus, str | Non
         return RunStatus.SANDBOX_ERROR, str(raw["sandbox_error"])
     if raw.get("skipped"):
         return RunStatus.COMPILE_ERROR, str(raw["skipped"])
-    if side.get("setup_error"):
-        return RunStatus.SANDBOX_ERROR, f"sandbox setup failed: {side['setup_error']}"
     if raw.get("timed_out"):
         return RunStatus.TIMEOUT, f"wall-clock limit of {limits.wall_s:g} s exceeded"
     code = raw.get("exit_code")
-    if side.get("memory_error") or raw.get("oom_killed"):
+    # The side channel is the program's own: a claim in it only explains a failure.
+    if (side.get("memory_error") and code != 0) or raw.get("oom_killed"):
         return RunStatus.MEMORY_LIMIT, f"memory limit of {limits.memory_mb} MiB exceeded"
     if code in (-signal.SIGXCPU, -signal.SIGKILL) and raw.get("cpu_s", 0.0) >= (
         0.9 * limits.effective_cpu_s()
     ):
         return RunStatus.TIMEOUT, f"CPU-time limit of {limits.effective_cpu_s():g} s exceeded"
-    if side.get("compile_error"):
+    if side.get("compile_error") and code != 0:
         return RunStatus.COMPILE_ERROR, "syntax error"
     if code == 0:
         return RunStatus.OK, None

@@ -26,10 +26,14 @@ from typing import Any
 
 from tangram_sandbox import _sys, wire
 
-__all__ = ["SETUP_FAILED", "WORKDIR", "spare_main"]
+__all__ = ["SETUP_FAILED", "STATUS_FD", "WORKDIR", "spare_main"]
 
 WORKDIR = "/tmp/work"
 SETUP_FAILED = 126
+#: P's trusted channel to the zygote: ``r`` (mounts ready), then ``g`` (the program starts) or
+#: ``E`` and a message (set-up failed). Closed before any program code runs, so a program
+#: cannot claim an infrastructure failure (a trainer would drop, not score, such a sample).
+STATUS_FD = 5
 _ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": WORKDIR,
@@ -46,6 +50,7 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     The mounts need root; then the uid drop; then no_new_privs, the user namespace (which
     leaves no capability outside it) and seccomp, last because it forbids ``unshare``."""
     # Should the zygote die before this line, P still ends: its job pipe reads end-of-file.
+    # (Set again after each credential change below: the kernel clears it on setresuid.)
     _sys.set_pdeathsig(signal.SIGKILL)
     os.setsid()
     apply = cfg["apply"]
@@ -59,10 +64,11 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     os.mkdir(WORKDIR, 0o700)
     if apply["slot_uid"]:
         os.chown(WORKDIR, cfg["uid"], cfg["gid"])
-    os.write(fds["ready"], b"r")  # the zygote may now enter our mount namespace
-    for target, name in enumerate(("stdin", "stdout", "stderr", "result", "go")):
+    os.write(fds["status"], b"r")  # the zygote may now enter our mount namespace
+    for target, name in enumerate(("stdin", "stdout", "stderr", "result", "go", "status")):
         os.dup2(fds[name], target)
-    os.closerange(5, 1 << 16)
+    os.set_inheritable(STATUS_FD, False)
+    os.closerange(STATUS_FD + 1, 1 << 16)
     os.chdir(WORKDIR)
     if apply["slot_uid"]:
         os.setgroups([])
@@ -72,6 +78,7 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if apply["user_ns"]:
         _sys.unshare(_sys.CLONE_NEWUSER)
+    _sys.set_pdeathsig(signal.SIGKILL)  # cleared by the credential changes above
     if apply["seccomp"]:
         cfg["seccomp"].install()
     os.environ.clear()
@@ -134,13 +141,13 @@ def bind_stdio() -> None:
     """Fresh ``sys.std*`` objects over fds 0-2 (the zygote's own may hold buffered bytes)."""
     import io
 
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]
         io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="replace"
     )
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
         io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="replace"
     )
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
         io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
         encoding="utf-8",
         errors="backslashreplace",
@@ -159,7 +166,8 @@ def compile_program(code: str) -> Any:
     try:
         return compile(code, "main.py", "exec")
     except (SyntaxError, ValueError) as exc:
-        traceback.print_exception(exc, limit=0)
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exception(exc, limit=0)
         return None
 
 
@@ -196,12 +204,14 @@ def exec_program(
         code_ = exc.code
         status = code_ if isinstance(code_, int) else (0 if code_ is None else 1)
         if not isinstance(code_, int | None):
-            print(code_, file=sys.stderr)
+            with contextlib.suppress(OSError, ValueError):
+                print(code_, file=sys.stderr)
     except MemoryError:
         side["memory_error"] = True
         status = 1
     except BaseException as exc:
-        traceback.print_exception(exc)
+        with contextlib.suppress(OSError, ValueError):  # stderr may be closed or flooded
+            traceback.print_exception(exc)
         status = 1
     return status & 0xFF, side
 
@@ -223,14 +233,20 @@ def _run_python(code: str, job: dict[str, Any], sys_path: list[str]) -> int:
     return status
 
 
+def _setup_failed(exc: BaseException) -> None:
+    with contextlib.suppress(OSError):
+        os.write(STATUS_FD, b"E" + repr(exc).encode(errors="replace")[:2000])
+    os._exit(SETUP_FAILED)
+
+
 def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     """Body of P; never returns."""
     try:
         _enter_sandbox(cfg, fds)
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            os.write(fds["result"], json.dumps({"setup_error": repr(exc)}).encode())
-        os._exit(SETUP_FAILED)
+            os.dup2(fds["status"], STATUS_FD)
+        _setup_failed(exc)
     try:
         job = wire.read_frame(4)
         os.close(4)
@@ -238,10 +254,11 @@ def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
             os._exit(0)
         _write_inputs(job)
         _apply_limits(job["limits"])
+        os.write(STATUS_FD, b"g")
+        os.close(STATUS_FD)
     except BaseException as exc:
-        _report({"setup_error": repr(exc)})
-        os._exit(SETUP_FAILED)
-    status = SETUP_FAILED
+        _setup_failed(exc)
+    status = 1
     try:
         if job.get("tests") is not None:
             from tangram_sandbox.batch import run_batch
@@ -254,6 +271,7 @@ def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
             os.execve(argv[0], argv, dict(os.environ))
         status = _run_python(job["code"], job, cfg["sys_path"])
-    except BaseException as exc:
-        _report({"setup_error": repr(exc)})
+    except BaseException as exc:  # the program's doing (or its output's): a runtime error
+        with contextlib.suppress(OSError, ValueError):
+            os.write(2, f"\n{exc!r}\n".encode(errors="replace"))
     os._exit(status)

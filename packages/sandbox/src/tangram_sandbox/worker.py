@@ -79,10 +79,21 @@ class SlotLeases:
                 dirs[controller] = path
         return dirs
 
-    def release(self, slot: Slot) -> None:
+    async def release(self, slot: Slot, timeout_s: float = 2.0) -> None:
+        """Give the slot back once its last process is gone (a program dies with its zygote,
+        but asynchronously), so that its cgroup directories can be removed."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
         for path in slot.cgroup_dirs.values():
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+            while True:
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # EBUSY: a process is still in it
+                    if asyncio.get_running_loop().time() > deadline:
+                        break
+                    await asyncio.sleep(0.01)
         os.close(slot.lock_fd)
         self.held.pop(slot.uid, None)
 

@@ -223,7 +223,7 @@ class _Spare:
         err_r, err_w = os.pipe()
         side_r, side_w = os.pipe()
         go_r, go_w = os.pipe()
-        ready_r, ready_w = os.pipe()
+        status_r, status_w = os.pipe()
         if z.cfg["apply"]["pid_ns"]:
             if z.pid_ns_used:  # back to our own pid namespace, to unshare a fresh one
                 _sys.setns(z.own_pid_ns, _sys.CLONE_NEWPID)
@@ -235,29 +235,32 @@ class _Spare:
             "stderr": err_w,
             "result": side_w,
             "go": go_r,
-            "ready": ready_w,
+            "status": status_w,
         }
         self.pid = os.fork()
         if self.pid == 0:
             spare_main(z.cfg, fds)
-        for fd in (out_w, err_w, side_w, go_r, ready_w):
+        for fd in (out_w, err_w, side_w, go_r, status_w):
             os.close(fd)
-        self.out, self.err, self.side, self.go, self._ready = out_r, err_r, side_r, go_w, ready_r
+        self.out, self.err, self.side, self.go = out_r, err_r, side_r, go_w
+        self.status = status_r  # P's trusted channel (see program.STATUS_FD)
+        self.failure: str | None = None
         self.mnt: int | None = None
 
     def wait_ready(self) -> bool:
         """Block until P has its mounts; then hold its mount namespace (for files in and out,
         and so that tearing it down happens when we let go, off the critical path)."""
         if self.mnt is None:
-            ok = os.read(self._ready, 1) == b"r"
-            os.close(self._ready)
-            if not ok:
+            first = os.read(self.status, 1)
+            if first != b"r":
+                rest = os.read(self.status, 4096) if first else b""
+                self.failure = rest.decode(errors="replace") or "it died while starting"
                 return False
             self.mnt = os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY)
         return True
 
     def close_pipes(self) -> None:
-        for fd in (self.out, self.err, self.side, self.go):
+        for fd in (self.out, self.err, self.side, self.go, self.status):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -340,10 +343,9 @@ class _Zygote:
             return
         spare, self.spare = self.spare or _Spare(self), None
         if not spare.wait_ready():
-            # It has no job yet, so its side channel holds only our own set-up error.
-            why = os.read(spare.side, 4096).decode(errors="replace") or "no reason given"
             _discard(self.fd, size)
             spare.close_pipes()
+            why = spare.failure
             self.send({"type": "end", "sandbox_error": f"program process failed to start: {why}"})
             return
         limits = meta["limits"]
@@ -390,6 +392,8 @@ class _Zygote:
             sel.register(fd, selectors.EVENT_READ, kind)
         pidfd = os.pidfd_open(spare.pid)
         sel.register(pidfd, selectors.EVENT_READ, None)
+        sel.register(spare.status, selectors.EVENT_READ, "status")
+        started, setup_error = False, ""
         deadline = start + float(limits["wall_s"])
         timed_out = False
         status: int | None = None
@@ -412,6 +416,16 @@ class _Zygote:
                     _kill(spare.pid)
                     continue
                 kind = key.data
+                if kind == "status":  # ours, not the program's: closed before its code runs
+                    chunk = os.read(key.fd, 4096)
+                    if chunk:
+                        started = started or chunk.startswith(b"g")
+                        if chunk.startswith(b"E"):
+                            setup_error = chunk[1:].decode(errors="replace")
+                        continue
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    continue
                 n = _available(key.fd)
                 take = min(n, room[kind])
                 if take:
@@ -426,7 +440,12 @@ class _Zygote:
                 os.close(key.fd)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
+        extra: dict[str, Any] = {}
+        if not started:
+            why = setup_error or f"it died before the program started ({status=})"
+            extra["sandbox_error"] = f"program set-up failed: {why}"
         return {
+            **extra,
             "type": "end",
             "exit_code": os.waitstatus_to_exitcode(status) if status is not None else None,
             "timed_out": timed_out,
