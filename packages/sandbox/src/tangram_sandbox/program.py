@@ -22,7 +22,7 @@ import resource
 import signal
 import sys
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 from tangram_sandbox import _sys, wire
 
@@ -233,7 +233,7 @@ def _run_python(code: str, job: dict[str, Any], sys_path: list[str]) -> int:
     return status
 
 
-def _setup_failed(exc: BaseException) -> None:
+def _setup_failed(exc: BaseException) -> NoReturn:
     with contextlib.suppress(OSError):
         os.write(STATUS_FD, b"E" + repr(exc).encode(errors="replace")[:2000])
     os._exit(SETUP_FAILED)
@@ -247,11 +247,13 @@ def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
         with contextlib.suppress(OSError):
             os.dup2(fds["status"], STATUS_FD)
         _setup_failed(exc)
+    job: dict[str, Any] = {}
     try:
-        job = wire.read_frame(4)
+        frame = wire.read_frame(4)
         os.close(4)
-        if job is None:  # the zygote is done with this spare
+        if frame is None:  # the zygote is done with this spare
             os._exit(0)
+        job = frame
         _write_inputs(job)
         _apply_limits(job["limits"])
         os.write(STATUS_FD, b"g")
