@@ -46,6 +46,7 @@ import time
 from typing import Any
 
 from tangram_sandbox import _sys, seccomp, wire
+from tangram_sandbox import batch as _batch  # noqa: F401 - loaded here: a program's /tmp may hide our source
 from tangram_sandbox.program import WORKDIR, spare_main
 
 # Modules an RL coding task commonly imports, loaded once in the zygote so executions skip it.
