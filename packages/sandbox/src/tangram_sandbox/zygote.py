@@ -162,6 +162,9 @@ def _set_cgroup_limits(cfg: dict[str, Any], limits: dict[str, Any]) -> None:
     # The slot's cgroup also holds the zygote and S: headroom for them over the program's own.
     mem = (int(limits["memory_mb"]) + 64) << 20
     procs = int(limits["processes"]) + 2
+    if cfg.get("cgroup_set") == (mem, procs):
+        return  # writing a v1 memory limit is not free; most jobs repeat the last one
+    cfg["cgroup_set"] = (mem, procs)
     settings = []
     if "memory" in dirs:
         settings.append((dirs["memory"], "memory.limit_in_bytes", mem))
