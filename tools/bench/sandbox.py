@@ -142,13 +142,17 @@ async def warm_latencies(pool: SandboxPool, n: int, warmup: int) -> tuple[list[f
     for _ in range(warmup):
         await pool.run(code="print(1)")
     out, inner = [], []
-    for _ in tqdm(range(n), desc="warm", leave=False):
+    bar = tqdm(total=n, desc="warm", leave=False)  # updated in chunks: it costs time per call
+    for i in range(n):
         t0 = time.perf_counter()
         result = await pool.run(code="print(1)")
         out.append(time.perf_counter() - t0)
         inner.append(result.wall_s)
         if result.status is not RunStatus.OK or result.stdout != "1\n":
             raise RuntimeError(f"warm run failed: {result}")
+        if i % 50 == 49:
+            bar.update(50)
+    bar.close()
     return out, inner
 
 
@@ -158,7 +162,8 @@ async def warm_throughput(pool: SandboxPool, n: int) -> float:
 
     async def one(i: int) -> str:
         result = await pool.run(code=f"print({i})")
-        bar.update()
+        if i % 50 == 49:
+            bar.update(50)
         return result.stdout
 
     t0 = time.perf_counter()
