@@ -1,0 +1,74 @@
+"""The code reward's pure parts: finding the code, and reading a sandbox result as a reward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tangram_core.actions import ActionResult, ActionStatus
+from tangram_reward.rules.code_reward import (
+    CodeRewardRequest,
+    CodeRewardUnavailable,
+    code_action,
+    extract_code,
+    score_result,
+)
+
+TESTS = [{"stdin": "1", "expected_stdout": "1"}, {"stdin": "2", "expected_stdout": "4"}]
+
+
+def test_extract_code_takes_the_last_block_after_the_reasoning() -> None:
+    response = (
+        "<think>draft:\n```python\nprint('draft')\n```\n</think>\n"
+        "Answer:\n```python\nprint('first')\n```\nbetter:\n```py\nprint('final')\n```"
+    )
+    assert extract_code(response) == "print('final')\n"
+    assert extract_code("```cpp\nint main(){}\n```", "cpp") == "int main(){}\n"
+    assert extract_code("```cpp\nint main(){}\n```", "python") is None
+    assert extract_code("```\nprint(1)\n```") == "print(1)\n", "untagged blocks count"
+    assert extract_code("<think>```python\nx\n```</think> no code") is None
+
+
+def test_no_code_means_no_action() -> None:
+    assert code_action(CodeRewardRequest(response="I give up", tests=TESTS)) is None
+    action = code_action(
+        CodeRewardRequest(response="```python\nprint(1)\n```", tests=TESTS),
+        trajectory_id="t7",
+        step_id=3,
+    )
+    assert action is not None
+    assert (action.kind, action.trajectory_id, action.step_id) == ("sandbox.run_tests", "t7", 3)
+    assert action.payload["code"] == "print(1)\n"
+    assert action.payload["tests"] == TESTS
+
+
+def result(status: ActionStatus, output: Any = None, **kw: Any) -> ActionResult:
+    return ActionResult(
+        action_id="a", kind="sandbox.run_tests", status=status, output=output,
+        submit_time=0.0, end_time=1.0, **kw,
+    )  # fmt: skip
+
+
+def test_scoring_fraction_all_and_compile_errors() -> None:
+    req = CodeRewardRequest(response="```python\nx\n```", tests=TESTS)
+    half = {"status": "ok", "passed": 1, "total": 2, "pass_fraction": 0.5}
+    assert score_result(req, result(ActionStatus.OK, half)).reward == 0.5
+    strict = req.model_copy(update={"scoring": "all"})
+    assert score_result(strict, result(ActionStatus.OK, half)).reward == 0.0
+    broken = {"status": "compile_error", "passed": 0, "total": 2, "pass_fraction": 0.0}
+    assert score_result(req, result(ActionStatus.OK, broken)).reward == 0.0
+
+
+def test_infrastructure_failures_are_not_zero_rewards() -> None:
+    req = CodeRewardRequest(response="```python\nx\n```", tests=TESTS)
+    with pytest.raises(CodeRewardUnavailable, match="infra_error"):
+        score_result(req, result(ActionStatus.INFRA_ERROR, error="worker died 3 times"))
+    with pytest.raises(CodeRewardUnavailable, match="zygote gone"):
+        score_result(
+            req, result(ActionStatus.OK, {"status": "sandbox_error", "error": "zygote gone"})
+        )
+    with pytest.raises(ValueError, match="refused"):
+        score_result(
+            req, result(ActionStatus.ERROR, error="tests: bad", error_type="InvalidPayload")
+        )
