@@ -19,7 +19,9 @@ def rules_app(ray_session):
     from tangram_reward.serve_app import RewardDeploymentConfig, build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": 0})
-    cfg = RewardDeploymentConfig(name="mrules", kind="rules", num_cpus=0.25)
+    # A real tracer in the replicas (console exporter), so their spans have ids of their own.
+    env = {"OTEL_TRACES_EXPORTER": "console"}
+    cfg = RewardDeploymentConfig(name="mrules", kind="rules", num_cpus=0.25, env=env)
     serve.run(build_app(cfg), name="mrules", route_prefix="/mrules", external_scaler_enabled=True)
     yield "mrules"
     serve.shutdown()  # the next module starts Serve with its own HTTP options
@@ -77,3 +79,30 @@ def test_config_bounds_are_checked():
 
     with pytest.raises(ValidationError, match=r"max_replicas \(1\) must be >= min_replicas \(2\)"):
         RewardManagerConfig(app="x", min_replicas=2, max_replicas=1)
+
+
+def test_each_scoring_request_is_a_span_under_its_action(rules_app, span_exporter):
+    from tangram_core import semconv
+    from tangram_reward.manager import RewardManager, RewardManagerConfig
+
+    async def main() -> list:
+        manager = RewardManager(RewardManagerConfig(app=rules_app, concurrency_per_replica=4))
+        async with Orchestrator([manager]) as orch:
+            return await orch.submit_many([reward_action("1", "1", f"t{i}") for i in range(6)])
+
+    results = asyncio.run(main())
+    ours = {format(s.context.span_id, "016x") for s in span_exporter.get_finished_spans()}
+    action_spans = {
+        s.attributes[semconv.ACTION_ID]: s
+        for s in span_exporter.get_finished_spans()
+        if s.name == semconv.SPAN_ACTION
+    }
+    for result in results:
+        meta = result.output["meta"]
+        action = action_spans[result.action_id]
+        # The replica's span is a real child of this action's span, in the same trace.
+        assert meta["trace_id"] == format(action.context.trace_id, "032x")
+        assert meta["parent_span_id"] in ours, "the replica's parent is a span of the caller"
+        assert meta["span_id"] != format(action.context.span_id, "016x")
+        assert meta["batch_size"] >= 1
+        assert meta["replica"]

@@ -50,7 +50,11 @@ def test_rule_scores_through_a_handle(rules):
         "rules": ["math", "format"],
     }
     out = handle.score.remote(good).result()
+    meta = out.pop("meta")
     assert out == {"reward": 2.0, "scores": {"math": 1.0, "format": 1.0}}
+    assert meta["batch_size"] >= 1
+    assert meta["queue_wait_s"] >= 0
+    assert meta["replica"] not in ("", "local")
     wrong = handle.score.remote({**good, "reference": "5"}).result()
     assert wrong["scores"] == {"math": 0.0, "format": 1.0}
 

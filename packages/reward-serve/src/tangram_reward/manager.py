@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tangram_core.actions import Action
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
 from tangram_reward.serve_app import running_replicas, scale_deployment, wait_for_replicas
+from tangram_reward.tracing import current_carrier
 
 
 class RewardManagerConfig(BaseModel):
@@ -97,7 +98,8 @@ class RewardManager(ResourceManager):
     async def start(self, action: Action, units: int) -> Any:
         if self._closed:
             raise RuntimeError(f"{self.name} is shut down")
-        response = self._handle.score.remote(**action.payload)
+        # The replica opens its scoring span as a child of ours (see tangram_reward.tracing).
+        response = self._handle.score.remote(**action.payload, trace_context=current_carrier())
         self._inflight[action.id] = response
         try:
             return await response

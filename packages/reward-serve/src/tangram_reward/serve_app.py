@@ -15,6 +15,7 @@ HTTP callers on ``POST /<route>``, where a bad payload gets 422 with the field a
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,7 +23,9 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from tangram_core.telemetry import configure_telemetry
 from tangram_reward.rules.request import RuleRequest, score_rules
+from tangram_reward.tracing import Pending, batch_facts, scoring_span
 
 
 class RewardDeploymentConfig(BaseModel):
@@ -39,6 +42,10 @@ class RewardDeploymentConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0, le=8, description="Fractions share one GPU.")
     num_replicas: int = Field(1, ge=1)
     device: str = "cpu"
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of the replicas, e.g. OTEL_* to export their scoring spans.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardDeploymentConfig:
@@ -59,23 +66,33 @@ def _errors(exc: ValidationError) -> list[dict[str, Any]]:
 @serve.deployment
 class RuleVerifier:
     def __init__(self, config: RewardDeploymentConfig) -> None:
+        configure_telemetry(service_name=f"tangram-reward-{config.name}")
+        self.config = config
         self.score_batch.set_max_batch_size(config.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
 
     @serve.batch
-    async def score_batch(self, requests: list[RuleRequest]) -> list[dict[str, Any]]:
+    async def score_batch(self, requests: list[Pending]) -> list[tuple[dict[str, Any], int, float]]:
         self.batch_sizes.append(len(requests))
-        return [score_rules(r).model_dump() for r in requests]
+        start = time.monotonic()
+        return [(score_rules(p.request).model_dump(), len(requests), start) for p in requests]
 
-    async def score(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Validate, then score in a batch; bad input raises ValueError naming the field."""
+    async def score(
+        self, request: dict[str, Any], trace_context: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Validate, then score in a batch; bad input raises ValueError naming the field.
+
+        The result carries ``meta``: the replica, its batch and the trace ids of this request's
+        span (a child of ``trace_context``, the caller's W3C headers)."""
         try:
             req = RuleRequest.model_validate(request)
         except ValidationError as exc:
             raise ValueError(f"invalid rule request: {_errors(exc)}") from None
-        result: dict[str, Any] = await self.score_batch(req)
-        return result
+        with scoring_span(trace_context, self.config.name) as span:
+            pending = Pending(req)
+            result, size, start = await self.score_batch(pending)
+            return dict(result, meta=batch_facts(span, pending, size, start))
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
@@ -91,7 +108,8 @@ class RuleVerifier:
             return JSONResponse({"detail": _errors(exc)}, status_code=422)
         except ValueError:
             return JSONResponse({"detail": "body is not valid JSON"}, status_code=400)
-        return JSONResponse(await self.score_batch(req))
+        result, _, _ = await self.score_batch(Pending(req))
+        return JSONResponse(result)
 
 
 class ScoreRequest(BaseModel):
@@ -104,6 +122,7 @@ class ScoreRequest(BaseModel):
 @serve.deployment
 class ScalarRewardDeployment:
     def __init__(self, config: RewardDeploymentConfig) -> None:
+        configure_telemetry(service_name=f"tangram-reward-{config.name}")
         self.config = config
         self.score_batch.set_max_batch_size(config.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -118,8 +137,10 @@ class ScalarRewardDeployment:
         )
 
     @serve.batch
-    async def score_batch(self, requests: list[ScoreRequest]) -> list[float]:
-        self.batch_sizes.append(len(requests))
+    async def score_batch(self, pending: list[Pending]) -> list[tuple[float, int, float]]:
+        self.batch_sizes.append(len(pending))
+        start = time.monotonic()
+        requests: list[ScoreRequest] = [p.request for p in pending]
         out: list[float] = [0.0] * len(requests)
         by_model: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
@@ -131,15 +152,25 @@ class ScalarRewardDeployment:
             )
             for i, s in zip(idx, scores, strict=True):
                 out[i] = s
-        return out
+        return [(value, len(requests), start) for value in out]
 
-    async def score(self, prompt: str, response: str, model_id: str | None = None) -> float:
+    async def score(
+        self,
+        prompt: str,
+        response: str,
+        model_id: str | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> float:
+        """The reward; the request's span (child of ``trace_context``) records its batch."""
         try:
             req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
             raise ValueError(f"invalid score request: {_errors(exc)}") from None
-        result: float = await self.score_batch(req)
-        return result
+        with scoring_span(trace_context, self.config.name) as span:
+            pending = Pending(req)
+            value, size, start = await self.score_batch(pending)
+            batch_facts(span, pending, size, start)
+            return float(value)
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
@@ -151,13 +182,16 @@ class ScalarRewardDeployment:
             return JSONResponse({"detail": _errors(exc)}, status_code=422)
         except ValueError:
             return JSONResponse({"detail": "body is not valid JSON"}, status_code=400)
-        return JSONResponse({"reward": await self.score_batch(req)})
+        value, _, _ = await self.score_batch(Pending(req))
+        return JSONResponse({"reward": value})
 
 
 def build_app(config: RewardDeploymentConfig) -> Any:
     """The Serve application for one reward deployment, with its resources and replicas."""
     cls = RuleVerifier if config.kind == "rules" else ScalarRewardDeployment
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus}
+    if config.env:
+        actor_options["runtime_env"] = {"env_vars": dict(config.env)}
     if config.num_gpus:
         actor_options["num_gpus"] = config.num_gpus
     return cls.options(  # type: ignore[attr-defined]
