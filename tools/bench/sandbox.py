@@ -38,12 +38,13 @@ from typing import Any
 from _machine import machine_info, write_result
 from tqdm import tqdm
 
+from tangram_sandbox.config import default_python
 from tangram_sandbox.isolation import capabilities
 from tangram_sandbox.models import RunStatus
 from tangram_sandbox.pool import SandboxPool
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+PYTHON = default_python()  # the interpreter the pool runs, so the cold runs match it
 BWRAP_ARGS = [
     "--unshare-all",
     "--die-with-parent",

@@ -377,15 +377,7 @@ class SandboxPool:
                 if req.isolation == "batch":
                     compiled = await self._batch_tests(worker, req, limits, verdicts)
                     if compiled is not None:
-                        return RunTestsResult(
-                            status=compiled.status,
-                            passed=0,
-                            total=total,
-                            pass_fraction=0.0,
-                            verdicts=[],
-                            error=compiled.error,
-                            queue_wait_s=wait,
-                        )
+                        return _not_compiled(compiled, total, wait)
                     if req.stop_on_first_failure:
                         first_bad = next((v.index for v in verdicts if not v.passed), None)
                         if first_bad is not None:
@@ -416,15 +408,7 @@ class SandboxPool:
                     await worker.send(end)
                 await self._read_fetch(worker)
                 if compiled is not None:
-                    return RunTestsResult(
-                        status=compiled.status,
-                        passed=0,
-                        total=total,
-                        pass_fraction=0.0,
-                        verdicts=[],
-                        error=compiled.error,
-                        queue_wait_s=wait,
-                    )
+                    return _not_compiled(compiled, total, wait)
             except WorkerDied as exc:
                 return RunTestsResult(
                     status=RunStatus.SANDBOX_ERROR,
@@ -436,16 +420,7 @@ class SandboxPool:
                     queue_wait_s=wait,
                     wall_s=time.monotonic() - started,
                 )
-        passed = sum(v.passed for v in verdicts)
-        return RunTestsResult(
-            status=RunStatus.OK,
-            passed=passed,
-            total=total,
-            pass_fraction=passed / total,
-            verdicts=verdicts,
-            queue_wait_s=wait,
-            wall_s=time.monotonic() - started,
-        )
+        return self._tests_result(verdicts, total, wait, started)
 
     # --- one request's conversation with a worker ----------------------------------------------
 
@@ -723,6 +698,19 @@ def _annotate(
         span.set_status(Status(StatusCode.ERROR, status.value))
 
 
+def _not_compiled(compiled: RunResult, total: int, wait: float) -> RunTestsResult:
+    """A batch whose program never compiled: no test ran, so no verdicts."""
+    return RunTestsResult(
+        status=compiled.status,
+        passed=0,
+        total=total,
+        pass_fraction=0.0,
+        verdicts=[],
+        error=compiled.error,
+        queue_wait_s=wait,
+    )
+
+
 def _classify(raw: dict[str, Any], limits: Limits) -> tuple[RunStatus, str | None]:
     side = raw.get("side") or {}
     if "sandbox_error" in raw:
@@ -793,9 +781,3 @@ def _judge(
         cpu_s=raw.get("cpu_s", 0.0),
         message=message,
     )
-
-
-def b64(data: bytes | str) -> str:
-    """Base64 text of ``data``, for ``files`` in requests."""
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.b64encode(raw).decode()

@@ -114,7 +114,6 @@ class ZygoteWorker:
         self._writer: asyncio.StreamWriter | None = None
         self.dead = False
         self.busy = False
-        self.retiring = False
 
     @classmethod
     async def start(cls, config: PoolConfig, slot: Slot, apply: dict[str, bool]) -> ZygoteWorker:

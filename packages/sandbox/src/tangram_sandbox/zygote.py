@@ -43,6 +43,7 @@ import struct
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tangram_sandbox import _sys, seccomp, wire
@@ -289,16 +290,14 @@ class _Zygote:
     def send(self, obj: Any) -> None:
         wire.write_all(self.fd, wire.encode_json(obj))
 
-    def _in_mount_ns(self, ns: int) -> contextlib.AbstractContextManager[None]:
-        @contextlib.contextmanager
-        def inside() -> Any:
-            _sys.setns(ns, _sys.CLONE_NEWNS)
-            try:
-                yield
-            finally:
-                _sys.setns(self.own_mnt, _sys.CLONE_NEWNS)
-
-        return inside()
+    @contextlib.contextmanager
+    def _in_mount_ns(self, ns: int) -> Iterator[None]:
+        """Work in another mount namespace (a program's files), then come back to ours."""
+        _sys.setns(ns, _sys.CLONE_NEWNS)
+        try:
+            yield
+        finally:
+            _sys.setns(self.own_mnt, _sys.CLONE_NEWNS)
 
     # -- the loop -----------------------------------------------------------------------------
 
