@@ -38,3 +38,33 @@ def test_tangram_sim_quick(tmp_path):
     assert result["act_ratio_vs_static"] > 1.0  # deterministic simulation, not a timing
     assert set(result["workloads"]) == {"paper_like", "tool_heavy"}
     assert "x1." in run.stdout or "x2." in run.stdout  # the ratio table was printed
+
+
+@pytest.mark.slow
+def test_r1_step_quick(tmp_path):
+    """The r1-train benchmark at toy sizes on the tiny model: ours, TRL, and the agent loop
+    with tangram scheduling and with static sandbox leases (independent trajectories)."""
+    out = tmp_path / "r1_step.json"
+    run = subprocess.run(
+        [
+            sys.executable, str(ROOT / "tools/bench/r1_step.py"), "--model", "tiny",
+            "--steps", "2", "--prompts", "2", "--group", "2", "--tokens", "8", "--micro", "4",
+            "--out", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in (
+        "step_seconds",
+        "trl_step_seconds",
+        "speedup_vs_trl",
+        "agent_step_speedup_vs_static",
+    ):
+        assert result[key] is not None, key
+    assert set(result["step_breakdown"]) == {"generation", "tools", "rewards", "update", "sync"}
+    # the agent runs made real tool calls under both schedulers
+    assert result["details"]["agent_tangram"]["tool_calls"] > 0
+    assert result["details"]["agent_static"]["tool_calls"] > 0

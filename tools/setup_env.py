@@ -143,7 +143,7 @@ class Setup:
             "sandbox": "[server]",
             "reward-serve": "[serve,models]",
             "hysparse-vllm": "",
-            "r1-train": "",
+            "r1-train": "[sandbox,rewards,tensorboard]",
         }
         args: list[str] = []
         for pkg in PACKAGES:

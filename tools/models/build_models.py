@@ -32,6 +32,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "tiny": ("tiny-llama", "tiny_llama"),
     "smollm2": ("smollm2-135m-instruct", "smollm2"),
     "tiny-rm": ("tiny-rm", "tiny_rm"),
+    "tiny-hysparse": ("tiny-hysparse", "tiny_hysparse"),
 }
 
 
@@ -40,7 +41,7 @@ def models_dir() -> Path:
 
 
 # A builder that imports another one is stale when either changes.
-_DEPENDS = {"tiny_rm": ["tiny_llama"]}
+_DEPENDS = {"tiny_rm": ["tiny_llama"], "tiny_hysparse": ["tiny_llama"]}
 
 
 def _builder_hash(module: str) -> str:

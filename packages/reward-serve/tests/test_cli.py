@@ -28,6 +28,18 @@ def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
             "deployments[0] (rm): Value error, deployment 'rm': kind 'scalar_rm' needs model_path",
         ),
         ("deployments:\n  - {name: a, kind: rules}\n  - {name: a, kind: rules}", "repeated: ['a']"),
+        (
+            "deployments:\n  - {name: j, kind: judge, model_path: /nowhere/judge}",
+            "deployment 'j': judge model path '/nowhere/judge' does not exist",
+        ),
+        (
+            "deployments:\n  - {name: j, kind: judge, model_path: /x, judge: {rubric: '{prompt}'}}",
+            "deployments[0] (j): judge.rubric: Value error, rubric must contain ['response']",
+        ),
+        (
+            "deployments:\n  - {name: r, kind: rules, judge: {}}",
+            "deployment 'r': a 'judge' block needs kind 'judge', not 'rules'",
+        ),
         ("deployments: [", "not valid YAML"),
     ],
 )
@@ -40,15 +52,17 @@ def test_check_names_the_problem(tmp_path, yaml_text, message):
     assert "Traceback" not in out.stderr
 
 
-def test_check_accepts_a_good_file(tmp_path, tiny_rm_dir):
+def test_check_accepts_a_good_file(tmp_path, tiny_rm_dir, tiny_model_dir):
     path = tmp_path / "rewards.yaml"
     path.write_text(
         f"deployments:\n  - {{name: rules, kind: rules}}\n"
         f"  - {{name: rm, kind: scalar_rm, model_path: {tiny_rm_dir}}}\n"
+        f"  - name: judge\n    kind: judge\n    model_path: {tiny_model_dir}\n"
+        "    judge: {score_min: 0, score_max: 9, max_tokens: 1, score_token_only: true}\n"
     )
     out = cli("check", str(path))
     assert out.returncode == 0, out.stderr
-    assert "2 deployment(s) OK" in out.stdout
+    assert "3 deployment(s) OK" in out.stdout
 
 
 @pytest.mark.slow

@@ -106,3 +106,51 @@ def test_each_scoring_request_is_a_span_under_its_action(rules_app, span_exporte
         assert meta["span_id"] != format(action.context.span_id, "016x")
         assert meta["batch_size"] >= 1
         assert meta["replica"]
+
+
+def test_capacity_comes_from_a_background_poll_not_a_controller_call_per_action(
+    rules_app, monkeypatch
+):
+    """``serve.status()`` is a blocking controller round trip; asking it on every submission
+    and completion (the orchestrator's capacity reads) held the event loop for ~80 ms per
+    action. Now the count is polled off the loop, and a change made behind the manager's back
+    (another client scaling the deployment) still reaches the orchestrator."""
+    import time
+
+    import tangram_reward.manager as manager_module
+    from tangram_reward.manager import RewardManager, RewardManagerConfig
+    from tangram_reward.serve_app import running_replicas, scale_deployment
+
+    reads = 0
+
+    def counted(app: str, deployment: str) -> int:  # the real call, counted
+        nonlocal reads
+        reads += 1
+        return running_replicas(app, deployment)
+
+    monkeypatch.setattr(manager_module, "running_replicas", counted)
+
+    async def main() -> dict[str, float]:
+        manager = RewardManager(
+            RewardManagerConfig(
+                app=rules_app, concurrency_per_replica=4, max_replicas=2, status_poll_s=0.2
+            )
+        )
+        async with Orchestrator([manager]) as orch:
+            t0 = time.monotonic()
+            actions = [reward_action(rf"\boxed{{{i}}}", str(i)) for i in range(40)]
+            results = await orch.submit_many(actions)
+            elapsed = time.monotonic() - t0
+            assert [r.output["reward"] for r in results] == [1.0] * 40
+            assert reads <= 2 + elapsed / 0.2 + 1, f"{reads} controller reads in {elapsed:.1f}s"
+
+            scale_deployment(rules_app, "mrules", 2)  # not through the manager
+            deadline = time.monotonic() + 60
+            while orch.capacity().get("reward") != 8.0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            seen = orch.capacity()
+            await manager.scale_to(4)
+            return seen
+
+    seen = asyncio.run(main())
+    assert seen == {"reward": 8.0}

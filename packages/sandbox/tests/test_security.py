@@ -256,7 +256,9 @@ class Sandbox:
         assert set(held) == {w.slot.uid for w in pool._workers}, "slot lease leaked or lost"
         assert len(held) == pool.size
         assert _mount_count() == before.mounts, "the host's mount table changed"
-        fds = self.wait(eventually(lambda: _fd_count() == before.fds, 2.0))
+        # a leak adds descriptors; one fewer is something else in the process (an earlier
+        # test's loop or thread) closing its own, which CI has seen
+        fds = self.wait(eventually(lambda: _fd_count() <= before.fds, 2.0))
         assert fds, f"this process holds {_fd_count()} descriptors, {before.fds} before"
 
 

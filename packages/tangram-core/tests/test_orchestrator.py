@@ -375,6 +375,27 @@ def test_scaling_up_an_empty_pool_starts_the_queued_actions():
     asyncio.run(main())
 
 
+def test_a_manager_that_grows_on_its_own_says_so_and_the_queue_starts():
+    """Capacity that changes outside the orchestrator (Serve restarting a replica, a pool
+    refilling) reaches the scheduler through ``capacity_changed``: no other event is needed."""
+
+    async def main() -> None:
+        pool = ProcessPoolManager(0, max_workers=1)
+        async with Orchestrator([pool]) as orch:
+            task = asyncio.create_task(orch.submit(sleep(0.01)))
+            await wait_for(lambda: orch.queued == 1)
+            await pool.scale_to(1)  # behind the orchestrator's back
+            await asyncio.sleep(0.2)
+            assert orch.queued == 1  # nobody told it
+            pool.capacity_changed()
+            result = await asyncio.wait_for(task, 10)
+        assert result.ok
+        assert orch.capacity() == {"cpu": 1.0}
+        pool.capacity_changed()  # after shutdown: a no-op, not an error
+
+    asyncio.run(main())
+
+
 def test_cancelling_the_submitter_cancels_the_action():
     async def main() -> None:
         pool = ProcessPoolManager(1)

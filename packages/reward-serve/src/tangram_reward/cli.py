@@ -3,19 +3,29 @@
     tangram-reward check rewards.yaml          # validate only; no Ray needed
     tangram-reward serve rewards.yaml          # start local Ray + Serve on 127.0.0.1, print health
     tangram-reward serve rewards.yaml --once   # ... and exit once every deployment is healthy
+    tangram-reward serve rewards.yaml --token-file ~/.tangram_token   # require a bearer token
 
 The file holds a list of deployments, each a :class:`RewardDeploymentConfig`::
 
     deployments:
       - {name: rules, kind: rules, num_cpus: 0.5}
       - {name: rm, kind: scalar_rm, model_path: /models/rm, max_batch_size: 32, num_gpus: 0.25}
+      - name: judge
+        kind: judge
+        model_path: /models/judge
+        judge: {score_min: 1, score_max: 10, max_tokens: 64}
 
 A bad file exits with status 2 and names the deployment, the field and the rule.
+
+HTTP is safe by default: Serve listens on 127.0.0.1 unless ``http_host`` says otherwise, and
+any other address needs a bearer token (``$TANGRAM_API_TOKEN``, ``$TANGRAM_API_TOKEN_FILE`` or
+``--token-file``; never a command-line value). Ray's own token authentication stays on.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -33,8 +43,11 @@ class RewardServeFile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     deployments: list[dict[str, object]] = Field(min_length=1)
-    http_host: str = "127.0.0.1"
+    http_host: str = Field("127.0.0.1", description="Beyond loopback needs a bearer token.")
     http_port: int = Field(8000, ge=0, le=65535)
+    http_request_timeout_s: float = Field(
+        60.0, gt=0, description="End-to-end HTTP deadline; past it Serve answers 408."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> RewardServeFile:
@@ -76,19 +89,40 @@ def _first_error(exc: ValidationError) -> str:
     return f"{field}: {err['msg']}" if field else str(err["msg"])  # cross-field: no location
 
 
-def _serve(path: Path, once: bool) -> int:
+def _serve(path: Path, once: bool, token_file: Path | None) -> int:
     import ray
     from ray import serve
 
+    from tangram_core.http_guard import check_bind, load_token
     from tangram_reward.serve_app import build_app, running_replicas
 
     top, configs = load_config(path)
+    token = load_token(token_file)  # TokenError is a ValueError: exit 2 with its message
+    check_bind(top.http_host, token, service="tangram-reward")
+    if token is None:
+        print(
+            f"warning: HTTP on {top.http_host} without a token: any local user can call it; "
+            "set TANGRAM_API_TOKEN or pass --token-file to require one",
+            file=sys.stderr,
+        )
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        print(
+            "warning: RAY_AUTH_MODE=disabled turns off Ray's token authentication: anyone who "
+            "reaches the Ray ports controls the cluster, rewards included; unset it",
+            file=sys.stderr,
+        )
     ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": top.http_host, "port": top.http_port})
+    serve.start(
+        http_options={
+            "host": top.http_host,
+            "port": top.http_port,
+            "request_timeout_s": top.http_request_timeout_s,
+        }
+    )
     try:
         for cfg in configs:
             serve.run(
-                build_app(cfg),
+                build_app(cfg, token=token),
                 name=cfg.name,
                 route_prefix=f"/{cfg.name}",
                 external_scaler_enabled=True,
@@ -106,7 +140,7 @@ def _serve(path: Path, once: bool) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]  # untyped in Ray 2.60
         ray.shutdown()
 
 
@@ -118,13 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("serve", help="run the deployments locally and print their health")
     run.add_argument("config", type=Path)
     run.add_argument("--once", action="store_true", help="exit once all are healthy")
+    run.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file (mode 600) holding the HTTP bearer token; else $TANGRAM_API_TOKEN or "
+        "$TANGRAM_API_TOKEN_FILE. There is no option for the token itself (ps shows it).",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
             _, configs = load_config(args.config)
             print(f"{args.config}: {len(configs)} deployment(s) OK")
             return 0
-        return _serve(args.config, args.once)
+        return _serve(args.config, args.once, args.token_file)
     except (OSError, ValueError) as exc:
         print(f"tangram-reward {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -7,25 +7,54 @@ is plain Python (:mod:`.rules`, :mod:`.models`) and is tested without a cluster.
   burst of requests becomes a few forward passes, and ``@serve.multiplexed``, so one replica
   can hold several small reward heads (the model id is the checkpoint path). Fractional GPUs
   come through ``num_gpus`` in the config.
+* ``JudgeDeployment``: a generative judge (:mod:`.models.judge`): a causal LM on vLLM (or
+  transformers) reads a rubric prompt and writes a score; ``@serve.batch`` makes each batch one
+  ``generate`` call. A reply with no usable score raises ``JudgeParseError`` (never a 0).
 
 Both answer Python callers through a ``DeploymentHandle`` (``handle.score.remote(...)``) and
-HTTP callers on ``POST /<route>``, where a bad payload gets 422 with the field and the rule.
+HTTP callers on ``POST /<route>``. Every result carries ``meta``: the deployment, the model
+version and the request id that produced it, plus its replica, batch and trace ids.
+
+HTTP safety: each deployment is an ASGI ingress behind :class:`tangram_core.http_guard.HttpGuard`
+(bearer token when one is given, per-client rate and concurrency, body size), Serve's
+``max_queued_requests`` answers 503 at once past a bounded queue, and a bad payload gets 422
+with the field and the rule. The token travels to the replicas as a deployment argument
+(stored by Ray, which its own token authentication protects); it is never logged.
 """
 
 from __future__ import annotations
 
+import abc
+import functools
+import hashlib
+import json
 import os
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
 
+from tangram_core import semconv
+from tangram_core.http_guard import GuardConfig, GuardStats, HttpGuard, send_json
 from tangram_core.telemetry import configure_telemetry
+from tangram_reward import __version__
+from tangram_reward.models.judge import JudgeConfig, JudgeSpec
+from tangram_reward.models.judge_parse import JudgeParseError
 from tangram_reward.rules.request import RuleRequest, score_rules
-from tangram_reward.tracing import Pending, batch_facts, scoring_span
+from tangram_reward.tracing import (
+    AttributedReward,
+    Pending,
+    attribution,
+    batch_facts,
+    scoring_span,
+)
+
+
+def _default_http() -> GuardConfig:
+    return GuardConfig(max_body_bytes=1 << 20)
 
 
 class RewardDeploymentConfig(BaseModel):
@@ -33,11 +62,20 @@ class RewardDeploymentConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["rules", "scalar_rm"]
-    model_path: str | None = Field(None, description="Checkpoint folder (scalar_rm only).")
+    kind: Literal["rules", "scalar_rm", "judge"]
+    model_path: str | None = Field(None, description="Checkpoint folder (scalar_rm, judge).")
+    judge: JudgeSpec | None = Field(
+        None, description="Rubric, score range and sampling of a 'judge'; defaults if unset."
+    )
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_ongoing_requests: int = Field(64, ge=1, description="At least the batch size.")
+    max_queued_requests: int = Field(
+        128,
+        ge=1,
+        description="Requests waiting for a replica; past it Serve answers 503 (HTTP) or "
+        "raises BackPressureError (handles) at once instead of queueing without bound.",
+    )
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, le=8, description="Fractions share one GPU.")
     num_replicas: int = Field(1, ge=1)
@@ -46,11 +84,27 @@ class RewardDeploymentConfig(BaseModel):
         default_factory=dict,
         description="Environment of the replicas, e.g. OTEL_* to export their scoring spans.",
     )
+    http: GuardConfig = Field(
+        default_factory=_default_http,
+        description="HTTP limits of each replica (body size, per-client rate and concurrency).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardDeploymentConfig:
-        if self.kind == "scalar_rm" and not self.model_path:
-            raise ValueError(f"deployment {self.name!r}: kind 'scalar_rm' needs model_path")
+        if self.kind in ("scalar_rm", "judge") and not self.model_path:
+            raise ValueError(f"deployment {self.name!r}: kind {self.kind!r} needs model_path")
+        if self.judge is not None and self.kind != "judge":
+            raise ValueError(
+                f"deployment {self.name!r}: a 'judge' block needs kind 'judge', not {self.kind!r}"
+            )
+        if self.kind == "judge":  # a missing or wrong checkpoint fails here, before Ray starts
+            try:
+                self.judge_config()
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ValueError(
+                    f"deployment {self.name!r}: {err['msg'].removeprefix('Value error, ')}"
+                ) from None
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"deployment {self.name!r}: max_ongoing_requests ({self.max_ongoing_requests}) "
@@ -58,18 +112,129 @@ class RewardDeploymentConfig(BaseModel):
             )
         return self
 
+    def judge_config(self) -> JudgeConfig:
+        """The judge's full config: the ``judge`` block with this deployment's checkpoint."""
+        spec = self.judge or JudgeSpec()
+        fields = {**spec.model_dump(), "path": self.model_path, "device": self.device}
+        return JudgeConfig.model_validate(fields)
+
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
 
 
+JsonHandler = Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]
+
+
+class HttpStatusError(Exception):
+    """Raised by a JSON handler to answer with ``status`` and ``detail`` (no traceback)."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.detail = detail
+
+
+def json_endpoint(handler: JsonHandler) -> Callable[..., Awaitable[None]]:
+    """A minimal ASGI app: ``POST`` a JSON object, get ``handler(body, trace headers)`` back.
+
+    Errors are the client's and say so: 405 for another method, 400 for a body that is not
+    UTF-8 JSON (or nests too deep to parse), 422 with the field and the rule for a body that
+    does not validate. Inputs are never echoed back."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                phase = message["type"].rsplit(".", 1)[-1]
+                await send({"type": f"lifespan.{phase}.complete"})
+                if phase == "shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        if scope.get("method") != "POST":
+            await send_json(send, 405, {"detail": "use POST with a JSON object body"})
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        try:
+            data = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, or absurd nesting
+            await send_json(send, 400, {"detail": "body is not valid JSON (UTF-8)"})
+            return
+        if not isinstance(data, dict):
+            detail = [{"field": "", "error": "the body must be a JSON object"}]
+            await send_json(send, 422, {"detail": detail})
+            return
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        carrier = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
+        try:
+            result = await handler(data, carrier)
+        except ValidationError as exc:
+            await send_json(send, 422, {"detail": _errors(exc)})
+            return
+        except HttpStatusError as exc:
+            await send_json(send, exc.status, {"detail": exc.detail})
+            return
+        await send_json(send, 200, result)
+
+    return app
+
+
+class _BatchControl(Protocol):
+    """The setters ``@serve.batch`` puts on the method it wraps (Ray types it as a plain
+    callable, so mypy cannot see them)."""
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+
+def configure_batching(method: object, config: RewardDeploymentConfig) -> None:
+    """Apply the deployment's batch size and wait to a ``@serve.batch`` method."""
+    control = cast(_BatchControl, method)
+    control.set_max_batch_size(config.max_batch_size)
+    control.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+
+class _HttpIngress(abc.ABC):
+    """What the deployments share: the guarded ASGI app Serve builds at replica start."""
+
+    config: RewardDeploymentConfig
+    _token: SecretStr | None
+    http_stats: GuardStats
+
+    @abc.abstractmethod
+    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
+        """Answer one validated-JSON HTTP request (``carrier``: its W3C trace headers)."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return HttpGuard(
+            json_endpoint(self._http), self.config.http, token=self._token, stats=self.http_stats
+        )
+
+    def http_counters(self) -> dict[str, Any]:
+        """The guard's counters on this replica (by status), for tests and benchmarks."""
+        return self.http_stats.as_dict()
+
+
+RULES_VERSION = f"rules-{__version__}"
+
+
 @serve.deployment
-class RuleVerifier:
-    def __init__(self, config: RewardDeploymentConfig) -> None:
+@serve.ingress()
+class RuleVerifier(_HttpIngress):
+    def __init__(self, config: RewardDeploymentConfig, token: SecretStr | None = None) -> None:
         configure_telemetry(service_name=f"tangram-reward-{config.name}")
         self.config = config
-        self.score_batch.set_max_batch_size(config.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._token = token
+        self.http_stats = GuardStats()
+        configure_batching(self.score_batch, config)
         self.batch_sizes: list[int] = []
 
     @serve.batch
@@ -78,21 +243,31 @@ class RuleVerifier:
         start = time.monotonic()
         return [(score_rules(p.request).model_dump(), len(requests), start) for p in requests]
 
+    async def _score(
+        self, req: RuleRequest, trace_context: dict[str, str] | None
+    ) -> dict[str, Any]:
+        who = attribution(self.config.name, RULES_VERSION)
+        with scoring_span(trace_context, self.config.name, who) as span:
+            pending = Pending(req)
+            result, size, start = await self.score_batch(pending)
+            return dict(result, meta=batch_facts(span, pending, size, start, who))
+
     async def score(
         self, request: dict[str, Any], trace_context: dict[str, str] | None = None
     ) -> dict[str, Any]:
         """Validate, then score in a batch; bad input raises ValueError naming the field.
 
-        The result carries ``meta``: the replica, its batch and the trace ids of this request's
-        span (a child of ``trace_context``, the caller's W3C headers)."""
+        The result carries ``meta``: the deployment, model version and request id, the
+        replica, its batch and the trace ids of this request's span (a child of
+        ``trace_context``, the caller's W3C headers)."""
         try:
             req = RuleRequest.model_validate(request)
         except ValidationError as exc:
             raise ValueError(f"invalid rule request: {_errors(exc)}") from None
-        with scoring_span(trace_context, self.config.name) as span:
-            pending = Pending(req)
-            result, size, start = await self.score_batch(pending)
-            return dict(result, meta=batch_facts(span, pending, size, start))
+        return await self._score(req, trace_context)
+
+    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
+        return await self._score(RuleRequest.model_validate(body), carrier)
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
@@ -100,16 +275,6 @@ class RuleVerifier:
     def pid(self) -> int:
         """This replica's process id: tells replicas apart in tests and benchmarks."""
         return os.getpid()
-
-    async def __call__(self, http: Request) -> JSONResponse:
-        try:
-            req = RuleRequest.model_validate(await http.json())
-        except ValidationError as exc:
-            return JSONResponse({"detail": _errors(exc)}, status_code=422)
-        except ValueError:
-            return JSONResponse({"detail": "body is not valid JSON"}, status_code=400)
-        result, _, _ = await self.score_batch(Pending(req))
-        return JSONResponse(result)
 
 
 class ScoreRequest(BaseModel):
@@ -119,21 +284,38 @@ class ScoreRequest(BaseModel):
     model_id: str | None = Field(None, description="Checkpoint path; the default if unset.")
 
 
+@functools.lru_cache(maxsize=64)
+def checkpoint_version(path: str) -> str:
+    """A reward model's version: its folder name and a digest of its files' names, sizes and
+    modification times (cheap: no weights are read), so a retrained head gets a new version."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    if root.is_dir():
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                digest.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return f"{root.name}@{digest.hexdigest()[:12]}"
+
+
 @serve.deployment
-class ScalarRewardDeployment:
-    def __init__(self, config: RewardDeploymentConfig) -> None:
+@serve.ingress()
+class ScalarRewardDeployment(_HttpIngress):
+    def __init__(self, config: RewardDeploymentConfig, token: SecretStr | None = None) -> None:
         configure_telemetry(service_name=f"tangram-reward-{config.name}")
         self.config = config
-        self.score_batch.set_max_batch_size(config.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._token = token
+        self.http_stats = GuardStats()
+        configure_batching(self.score_batch, config)
         self.batch_sizes: list[int] = []
 
-    @serve.multiplexed(max_num_models_per_replica=4)  # reward heads held per replica
+    # Reward heads held per replica. Ray 2.60 leaves serve.multiplexed untyped.
+    @serve.multiplexed(max_num_models_per_replica=4)  # type: ignore[untyped-decorator]
     async def get_model(self, model_id: str) -> Any:
         from tangram_reward.models import ScalarRewardModel, ScalarRewardModelConfig
 
         return ScalarRewardModel(
-            ScalarRewardModelConfig(path=model_id, device=self.config.device)  # type: ignore[arg-type]
+            ScalarRewardModelConfig.model_validate({"path": model_id, "device": self.config.device})
         )
 
     @serve.batch
@@ -154,6 +336,16 @@ class ScalarRewardDeployment:
                 out[i] = s
         return [(value, len(requests), start) for value in out]
 
+    async def _score(
+        self, req: ScoreRequest, trace_context: dict[str, str] | None
+    ) -> AttributedReward:
+        model = req.model_id or self.config.model_path or ""
+        who = attribution(self.config.name, checkpoint_version(model))
+        with scoring_span(trace_context, self.config.name, who) as span:
+            pending = Pending(req)
+            value, size, start = await self.score_batch(pending)
+            return AttributedReward(value, batch_facts(span, pending, size, start, who))
+
     async def score(
         self,
         prompt: str,
@@ -161,45 +353,146 @@ class ScalarRewardDeployment:
         model_id: str | None = None,
         trace_context: dict[str, str] | None = None,
     ) -> float:
-        """The reward; the request's span (child of ``trace_context``) records its batch."""
+        """The reward, as an :class:`AttributedReward` (a float with ``meta``); the request's
+        span (child of ``trace_context``) records its batch."""
         try:
             req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
             raise ValueError(f"invalid score request: {_errors(exc)}") from None
-        with scoring_span(trace_context, self.config.name) as span:
-            pending = Pending(req)
-            value, size, start = await self.score_batch(pending)
-            batch_facts(span, pending, size, start)
-            return float(value)
+        return await self._score(req, trace_context)
+
+    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
+        reward = await self._score(ScoreRequest.model_validate(body), carrier)
+        return {"reward": float(reward), "meta": reward.meta}
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
 
-    async def __call__(self, http: Request) -> JSONResponse:
+
+# vLLM's engine core runs inside the judge's replica process rather than in child processes:
+# spawning them from a Ray actor took over 4 minutes on a loaded 2-core machine (in process:
+# about 30 s), and a replica killed with SIGKILL would leave them behind. One replica serves
+# one engine, so nothing is lost.
+# A deployment's ``env`` can set it back to "1".
+JUDGE_REPLICA_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+@serve.deployment
+@serve.ingress()
+class JudgeDeployment(_HttpIngress):
+    """A generative judge: one engine per replica, one ``generate`` call per batch.
+
+    ``generate`` runs inline on the replica's event loop: requests that arrive meanwhile wait
+    and form the next batch, and the engine is never called from two places at once
+    (``@serve.batch`` runs one batch at a time by default)."""
+
+    def __init__(self, config: RewardDeploymentConfig, token: SecretStr | None = None) -> None:
+        from tangram_reward.models.judge import Judge
+
+        configure_telemetry(service_name=f"tangram-reward-{config.name}")
+        self.config = config
+        self._token = token
+        self.http_stats = GuardStats()
+        judge_config = config.judge_config()
+        self.judge = Judge(judge_config)
+        self.version = checkpoint_version(str(judge_config.path))
+        configure_batching(self.judge_batch, config)
+        self.batch_sizes: list[int] = []
+
+    @serve.batch
+    async def judge_batch(self, pending: list[Pending]) -> list[tuple[Any, int, float]]:
+        self.batch_sizes.append(len(pending))
+        start = time.monotonic()
+        replies = self.judge.generate([p.request for p in pending])
+        return [(reply, len(pending), start) for reply in replies]
+
+    async def _score(
+        self, req: ScoreRequest, trace_context: dict[str, str] | None
+    ) -> AttributedReward:
+        if req.model_id is not None and req.model_id != self.config.model_path:
+            raise ValueError(
+                f"judge {self.config.name!r} serves {self.config.model_path!r}, not "
+                f"{req.model_id!r}; deploy another judge for that model"
+            )
+        who = attribution(self.config.name, self.version)
+        with scoring_span(trace_context, self.config.name, who) as span:
+            ids = self.judge.encode(req.prompt, req.response)
+            span.set_attributes(self.judge.span_attributes(len(ids)))
+            pending = Pending(ids)
+            reply, size, start = await self.judge_batch(pending)
+            meta = batch_facts(span, pending, size, start, who)
+            span.set_attribute(semconv.GEN_AI_USAGE_OUTPUT_TOKENS, reply.output_tokens)
+            verdict = self.judge.verdict(reply.text)
+            if verdict.score is None:
+                span.set_attribute(semconv.ERROR_TYPE, "JudgeParseError")
+            score = verdict.checked()  # raises JudgeParseError with the judge's text
+            meta["judge"] = {"raw_score": score.raw, "text": verdict.text}
+            return AttributedReward(score.reward, meta)
+
+    async def score(
+        self,
+        prompt: str,
+        response: str,
+        model_id: str | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> float:
+        """The judge's score normalised to [0, 1], as an :class:`AttributedReward` whose
+        ``meta["judge"]`` holds the raw score and the judge's text. A reply with no score in
+        range raises :class:`JudgeParseError` (``.text`` is the reply); bad input ValueError."""
         try:
-            req = ScoreRequest.model_validate(await http.json())
+            req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
-            return JSONResponse({"detail": _errors(exc)}, status_code=422)
-        except ValueError:
-            return JSONResponse({"detail": "body is not valid JSON"}, status_code=400)
-        value, _, _ = await self.score_batch(Pending(req))
-        return JSONResponse({"reward": value})
+            raise ValueError(f"invalid score request: {_errors(exc)}") from None
+        return await self._score(req, trace_context)
+
+    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
+        req = ScoreRequest.model_validate(body)
+        try:
+            reward = await self._score(req, carrier)
+        except JudgeParseError as exc:  # the judge failed, not the client: 502
+            raise HttpStatusError(502, {"error": "JudgeParseError", "reason": exc.reason}) from None
+        except ValueError as exc:
+            raise HttpStatusError(422, [{"field": "", "error": str(exc)}]) from None
+        return {"reward": float(reward), "meta": reward.meta}
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
+
+    def __del__(self) -> None:
+        judge = getattr(self, "judge", None)
+        if judge is not None:
+            judge.close()
 
 
-def build_app(config: RewardDeploymentConfig) -> Any:
-    """The Serve application for one reward deployment, with its resources and replicas."""
-    cls = RuleVerifier if config.kind == "rules" else ScalarRewardDeployment
+def build_app(config: RewardDeploymentConfig, token: SecretStr | str | None = None) -> Any:
+    """The Serve application for one reward deployment, with its resources and replicas.
+
+    ``token`` turns on bearer authentication of its HTTP route (handles are unaffected: Ray's
+    own token authentication guards them). Whether a deployment may serve HTTP without one is
+    the caller's decision (:func:`tangram_core.http_guard.check_bind`; the CLI makes it)."""
+    deployments: dict[str, Any] = {
+        "rules": RuleVerifier,
+        "scalar_rm": ScalarRewardDeployment,
+        "judge": JudgeDeployment,
+    }
+    cls = deployments[config.kind]
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus}
-    if config.env:
-        actor_options["runtime_env"] = {"env_vars": dict(config.env)}
+    env = dict(config.env)
+    if config.kind == "judge":
+        env = {**JUDGE_REPLICA_ENV, **env}
+    if env:
+        actor_options["runtime_env"] = {"env_vars": env}
     if config.num_gpus:
         actor_options["num_gpus"] = config.num_gpus
-    return cls.options(  # type: ignore[attr-defined]
+    secret = SecretStr(token) if isinstance(token, str) else token
+    return cls.options(
         name=config.name,
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options=actor_options,
-    ).bind(config)
+    ).bind(config, secret)
 
 
 def scale_deployment(app: str, deployment: str, replicas: int) -> None:
@@ -225,8 +518,8 @@ def running_replicas(app: str, deployment: str) -> int:
     status = serve.status().applications.get(app)
     if status is None or deployment not in status.deployments:
         return 0
-    counts = status.deployments[deployment].replica_states
-    return int(counts.get("RUNNING", 0))
+    counts: dict[Any, int] = dict(status.deployments[deployment].replica_states)
+    return int(counts.get("RUNNING", 0))  # ReplicaState is a str enum: "RUNNING" finds it
 
 
 async def wait_for_replicas(app: str, deployment: str, replicas: int, timeout_s: float) -> float:

@@ -15,6 +15,7 @@ the caller's trace id.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,15 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from tangram_core import semconv
 from tangram_core.telemetry import get_tracer
 
-__all__ = ["Pending", "batch_facts", "current_carrier", "replica_id", "scoring_span"]
+__all__ = [
+    "AttributedReward",
+    "Pending",
+    "attribution",
+    "batch_facts",
+    "current_carrier",
+    "replica_id",
+    "scoring_span",
+]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -50,6 +59,37 @@ def replica_id() -> str:
         return "local"
 
 
+def request_id() -> str:
+    """Serve's id of the request being handled (``X-Request-ID`` over HTTP), else a new one."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except Exception:
+        rid = ""
+    return rid or uuid.uuid4().hex
+
+
+def attribution(deployment: str, model_version: str) -> dict[str, str]:
+    """Who produced a reward: the deployment, the model version and the request id."""
+    return {"deployment": deployment, "model_version": model_version, "request_id": request_id()}
+
+
+class AttributedReward(float):
+    """A scalar reward that computes and compares as a float and carries ``meta`` (its
+    attribution and batch facts), so that callers expecting a float keep working."""
+
+    meta: dict[str, Any]
+
+    def __new__(cls, value: float, meta: dict[str, Any]) -> AttributedReward:
+        obj = super().__new__(cls, value)
+        obj.meta = dict(meta)
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AttributedReward, (float(self), self.meta))
+
+
 @dataclass
 class Pending:
     """One request on its way through ``@serve.batch``: the payload and when it arrived."""
@@ -59,18 +99,30 @@ class Pending:
 
 
 @contextmanager
-def scoring_span(carrier: dict[str, str] | None, deployment: str) -> Iterator[Any]:
-    """The replica-side span of one scoring request, child of the caller's span."""
+def scoring_span(
+    carrier: dict[str, str] | None, deployment: str, attributed: dict[str, str] | None = None
+) -> Iterator[Any]:
+    """The replica-side span of one scoring request, child of the caller's span; it carries
+    the :func:`attribution` when given."""
     parent = _PROPAGATOR.extract(carrier or {})
     with get_tracer().start_as_current_span(
         semconv.SPAN_REWARD_SCORE, context=parent, kind=trace.SpanKind.SERVER
     ) as span:
         span.set_attribute(semconv.REWARD_DEPLOYMENT, deployment)
         span.set_attribute(semconv.REWARD_REPLICA, replica_id())
+        if attributed:
+            span.set_attribute(semconv.REWARD_MODEL_VERSION, attributed["model_version"])
+            span.set_attribute(semconv.REWARD_REQUEST_ID, attributed["request_id"])
         yield span
 
 
-def batch_facts(span: Any, pending: Pending, batch_size: int, batch_start: float) -> dict[str, Any]:
+def batch_facts(
+    span: Any,
+    pending: Pending,
+    batch_size: int,
+    batch_start: float,
+    attributed: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Record the batch on ``span``; the same facts for the caller (rewards are attributable)."""
     wait = max(0.0, batch_start - pending.arrived)
     span.set_attribute(semconv.REWARD_BATCH_SIZE, batch_size)
@@ -78,6 +130,7 @@ def batch_facts(span: Any, pending: Pending, batch_size: int, batch_start: float
     ctx = span.get_span_context()
     parent = getattr(span, "parent", None)  # an SDK span knows it; a no-op span does not
     return {
+        **(attributed or {}),
         "replica": replica_id(),
         "batch_size": batch_size,
         "queue_wait_s": wait,

@@ -20,15 +20,64 @@ def _capabilities(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
+    from tangram_core.http_guard import GuardConfig, TokenError, check_bind, load_token
     from tangram_sandbox.config import PoolConfig
-    from tangram_sandbox.server import build_app
+    from tangram_sandbox.models import Limits
+    from tangram_sandbox.server import ApiLimits, build_app
 
-    config = PoolConfig(
-        min_workers=args.workers, max_workers=max(args.workers, args.max_workers or 0)
+    max_workers = max(args.workers, args.max_workers or 0)
+    in_flight = args.max_in_flight or 4 * max_workers
+    max_queue = args.max_queue if args.max_queue is not None else 4 * in_flight
+    try:
+        token = load_token(args.token_file)
+        check_bind(args.host, token, service="tangram-sandbox")
+        guard = GuardConfig(
+            max_body_bytes=args.max_body_bytes,
+            max_in_flight=in_flight,
+            max_queue=max_queue,
+            queue_timeout_s=args.queue_timeout_s,
+            client_concurrency=args.client_concurrency,
+            client_rate=args.client_rate,
+            client_burst=args.client_burst,
+        )
+        api = ApiLimits(
+            max_code_chars=args.max_code_chars,
+            max_tests=args.max_tests,
+            max_output_bytes=args.max_output_bytes,
+        )
+        max_limits = Limits(wall_s=args.max_wall_s, memory_mb=args.max_memory_mb, processes=512)
+        config = PoolConfig(
+            min_workers=args.workers,
+            max_workers=max_workers,
+            max_limits=max_limits,
+            max_queue=max_queue,
+        )
+    except ValueError as exc:  # TokenError, InsecureBindError and pydantic's errors
+        kind = "token" if isinstance(exc, TokenError) else "configuration"
+        print(f"tangram-sandbox serve: {kind} error: {exc}", file=sys.stderr)
+        return 2
+    if token is None:
+        logging.getLogger("tangram_sandbox").warning(
+            "serving on %s without a token: any local user can run code here; set "
+            "TANGRAM_API_TOKEN or pass --token-file to require one",
+            args.host,
+        )
+    app = build_app(config=config, token=token, guard=guard, api=api)
+    # Shutdown drains: uvicorn stops accepting, waits for in-flight requests (each bounded
+    # by the clamped wall limit plus the queue wait), then the pool drains its workers.
+    drain_s = int(args.max_wall_s + args.queue_timeout_s + config.grace_s)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=drain_s,
+        limit_concurrency=in_flight + max_queue + 64,
     )
-    uvicorn.run(build_app(config=config), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -63,10 +112,43 @@ def main(argv: list[str] | None = None) -> int:
     caps.add_argument("--strict", action="store_true", help="exit 1 when a layer is missing")
     caps.set_defaults(func=_capabilities)
     serve = sub.add_parser("serve", help="serve /run, /run_tests and SandboxFusion's /run_code")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="bind address; beyond loopback needs a token"
+    )
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2, help="warm workers")
     serve.add_argument("--max-workers", type=int, default=None)
+    serve.add_argument(
+        "--token-file",
+        default=None,
+        help="file (mode 600) holding the bearer token; else $TANGRAM_API_TOKEN or "
+        "$TANGRAM_API_TOKEN_FILE. There is no option for the token itself (ps shows it).",
+    )
+    limits = serve.add_argument_group("limits (over a limit: 413, 422, 429 or 503)")
+    limits.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    limits.add_argument("--max-code-chars", type=int, default=1 << 20)
+    limits.add_argument("--max-tests", type=int, default=1000, help="test cases per request")
+    limits.add_argument(
+        "--max-output-bytes", type=int, default=1 << 20, help="stdout/stderr kept per run"
+    )
+    limits.add_argument("--max-wall-s", type=float, default=600, help="request limits clamp")
+    limits.add_argument("--max-memory-mb", type=int, default=8192, help="request limits clamp")
+    limits.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="requests running at once (default: 4 x max workers); the rest queue",
+    )
+    limits.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="requests waiting (default: 4 x max in flight); past it, 503 at once",
+    )
+    limits.add_argument("--queue-timeout-s", type=float, default=10.0, help="then 503")
+    limits.add_argument("--client-concurrency", type=int, default=32, help="then 429")
+    limits.add_argument("--client-rate", type=float, default=200.0, help="requests/s; then 429")
+    limits.add_argument("--client-burst", type=int, default=400)
     serve.set_defaults(func=_serve)
     run = sub.add_parser("run", help="run one file in a sandbox (stdin from ours)")
     run.add_argument("file")

@@ -51,6 +51,7 @@ class SandboxManager(ResourceManager):
         self.resource = resource
         self.pool = SandboxPool(config or PoolConfig())
         self._running: dict[str, asyncio.Task[Any]] = {}
+        self._opened = False
 
     def resources(self) -> dict[str, float]:
         return {self.resource: float(self.pool.size)}
@@ -62,6 +63,11 @@ class SandboxManager(ResourceManager):
         return self.pool.healthy()
 
     async def open(self) -> None:
+        """Start the pool once; later calls return at once (a caller may open it early, e.g. to
+        size a static baseline from the real pool before the orchestrator opens it again)."""
+        if self._opened:
+            return
+        self._opened = True
         await self.pool.start()
 
     async def start(self, action: Action, units: int) -> Any:

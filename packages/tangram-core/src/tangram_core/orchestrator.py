@@ -196,6 +196,8 @@ class Orchestrator:
         self.config = config or OrchestratorConfig()
         self._managers = tuple(managers)
         _check_managers(self._managers)
+        for manager in self._managers:
+            manager.on_capacity_change = self.refresh
         capacity, limits = self._capacity()
         if scheduler is None:
             resize = all(m.supports_resize for m in self._managers)
@@ -334,7 +336,8 @@ class Orchestrator:
     def refresh(self) -> None:
         """Re-read the managers' capacity and start what now fits; call it after scaling a
         manager directly (``scale_to`` does it for you)."""
-        self._pump()
+        if not self._shut_down.is_set():
+            self._pump()
 
     # -- submission ------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import fnmatch
+from collections.abc import Callable
 from typing import Any
 
 from tangram_core.actions import Action
@@ -85,6 +86,15 @@ class ResourceManager(abc.ABC):
     #: Whether :meth:`resize` can change a running action's units. When every manager says no,
     #: the orchestrator's default scheduler chooses units at start only.
     supports_resize: bool = False
+    #: Set by the orchestrator that drives this manager. A manager whose capacity changes on
+    #: its own (a replica comes back, a worker dies) calls :meth:`capacity_changed`, so queued
+    #: work starts at once instead of at the next submission or completion.
+    on_capacity_change: Callable[[], None] | None = None
+
+    def capacity_changed(self) -> None:
+        """Tell the driving orchestrator that :meth:`resources` now answers differently."""
+        if self.on_capacity_change is not None:
+            self.on_capacity_change()
 
     def handles(self, kind: str) -> bool:
         """Whether this manager executes actions of ``kind``; matches :attr:`kinds` by default."""
@@ -95,7 +105,9 @@ class ResourceManager(abc.ABC):
         """Resource types and amounts this manager provides now, e.g. ``{"cpu": 4.0}``.
 
         The orchestrator passes them to the scheduler as capacity, so they must be in the same
-        units as actions' ``demand`` (one worker per unit of demand, for a process pool)."""
+        units as actions' ``demand`` (one worker per unit of demand, for a process pool). It
+        asks on every submission and completion, from the event loop: answer from memory, never
+        with a blocking call to a remote controller."""
 
     def limits(self) -> dict[str, float]:
         """The most of each resource type this manager can scale to; defaults to what it has."""

@@ -95,9 +95,14 @@ def extract_code(response: str, language: Language = "python") -> str | None:
 
 
 def code_action(
-    req: CodeRewardRequest, *, trajectory_id: str | None = None, step_id: int | None = None
+    req: CodeRewardRequest,
+    *,
+    trajectory_id: str | None = None,
+    step_id: int | None = None,
+    priority: int = 0,
 ) -> Action | None:
-    """The ``sandbox.run_tests`` action for ``req``, or ``None`` when it holds no code."""
+    """The ``sandbox.run_tests`` action for ``req``, or ``None`` when it holds no code;
+    ``priority`` is the caller's (a trainer runs older steps first)."""
     code = extract_code(req.response, req.language)
     if code is None:
         return None
@@ -109,6 +114,7 @@ def code_action(
         demand={"cpu": 1},
         trajectory_id=trajectory_id,
         step_id=step_id,
+        priority=priority,
         payload=payload,
     )
 
@@ -144,9 +150,10 @@ async def code_reward(
     *,
     trajectory_id: str | None = None,
     step_id: int | None = None,
+    priority: int = 0,
 ) -> CodeScore:
     """Score ``req`` by running its code's tests through ``submitter`` (an orchestrator)."""
-    action = code_action(req, trajectory_id=trajectory_id, step_id=step_id)
+    action = code_action(req, trajectory_id=trajectory_id, step_id=step_id, priority=priority)
     if action is None:
         return CodeScore(reward=0.0, pass_fraction=0.0, status="no_code", total=len(req.tests))
     return score_result(req, await submitter.submit(action))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 
 _THINK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.DOTALL)
 # target -> predicate on a letter
-_SCRIPTS = {
+_SCRIPTS: dict[str, Callable[[str], bool]] = {
     "en": lambda ch: "LATIN" in unicodedata.name(ch, ""),
     "zh": lambda ch: "CJK" in unicodedata.name(ch, ""),
     "ru": lambda ch: "CYRILLIC" in unicodedata.name(ch, ""),

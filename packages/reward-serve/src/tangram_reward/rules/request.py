@@ -10,11 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tangram_reward.rules.countdown_reward import countdown_score
 from tangram_reward.rules.format_reward import r1_format
 from tangram_reward.rules.language_reward import language_consistency
 from tangram_reward.rules.math_reward import math_accuracy
 
-Rule = Literal["math", "format", "language"]
+Rule = Literal["math", "format", "language", "countdown"]
 
 
 class RuleRequest(BaseModel):
@@ -27,25 +28,31 @@ class RuleRequest(BaseModel):
     weights: dict[Rule, float] | None = Field(None, description="Per-rule weight; default 1.")
     think_prefilled: bool = Field(False, description="The prompt already opened <think>.")
     language: str = "en"
+    numbers: tuple[int, ...] = Field((), max_length=64, description="'countdown': the numbers.")
+    target: int | None = Field(None, description="'countdown': the value to reach.")
 
     @model_validator(mode="after")
     def _needs_reference(self) -> RuleRequest:
         if "math" in self.rules and not (self.reference and self.reference.strip()):
             raise ValueError("rule 'math' needs a non-empty 'reference' answer")
+        if "countdown" in self.rules and (not self.numbers or self.target is None):
+            raise ValueError("rule 'countdown' needs 'numbers' and 'target'")
         return self
 
 
 class RuleScore(BaseModel):
     model_config = ConfigDict(frozen=True)
     reward: float
-    scores: dict[str, float]
+    scores: dict[Rule, float]
 
 
 def score_rules(req: RuleRequest) -> RuleScore:
-    scores: dict[str, float] = {}
+    scores: dict[Rule, float] = {}
     for rule in req.rules:
         if rule == "math":
             scores[rule] = math_accuracy(req.response, req.reference or "")
+        elif rule == "countdown":
+            scores[rule] = countdown_score(req.response, req.numbers, req.target or 0)
         elif rule == "format":
             scores[rule] = r1_format(req.response, think_prefilled=req.think_prefilled)
         else:

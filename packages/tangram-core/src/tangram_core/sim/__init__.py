@@ -1,6 +1,16 @@
-"""Cluster-scale discrete-event simulation of action scheduling (see :mod:`.engine`)."""
+"""Cluster-scale discrete-event simulation: action scheduling (:mod:`.engine`) and whole RL
+training loops, synchronous or asynchronous (:mod:`.rl_loop`)."""
 
-from tangram_core.sim.engine import SimAction, SimResult, Simulator, TrajectoryPlan, Turn
+from tangram_core.sim.engine import (
+    ActionRunner,
+    SimAction,
+    SimResult,
+    Simulator,
+    TrajectoryPlan,
+    Turn,
+)
+from tangram_core.sim.rl_config import DecodeModel, RLLoopConfig, RolloutWorkload, TrainerModel
+from tangram_core.sim.rl_loop import RLLoopResult, TrainedSample, simulate_rl_loop
 from tangram_core.sim.workloads import (
     CodeAgentWorkload,
     TraceRecord,
@@ -13,11 +23,18 @@ from tangram_core.sim.workloads import (
 )
 
 __all__ = [
+    "ActionRunner",
     "CodeAgentWorkload",
+    "DecodeModel",
+    "RLLoopConfig",
+    "RLLoopResult",
+    "RolloutWorkload",
     "SimAction",
     "SimResult",
     "Simulator",
     "TraceRecord",
+    "TrainedSample",
+    "TrainerModel",
     "TrajectoryPlan",
     "Turn",
     "code_agent_steps",
@@ -25,5 +42,6 @@ __all__ = [
     "load_trace",
     "poisson_actions",
     "save_trace",
+    "simulate_rl_loop",
     "summarize",
 ]

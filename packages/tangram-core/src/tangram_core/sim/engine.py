@@ -17,6 +17,7 @@ Two workload shapes:
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,84 @@ class SimResult:
         return {r: self.busy_unit_seconds.get(r, 0.0) / v for r, v in prov.items() if v > 0}
 
 
+class ActionRunner:
+    """Carries out a scheduler's plans on a virtual clock: the part of a simulation about actions.
+
+    Why a class of its own: the step simulator here and the RL-loop model (:mod:`.rl_loop`) both
+    run external actions the same way, and only differ in what produces them. The caller owns
+    the event heap; ``push(time, action_id, version)`` asks it for a finish event, and the caller
+    hands each one back to :meth:`finish`. A resize re-times the action and bumps its version,
+    so the older finish event is recognised as stale and ignored.
+    """
+
+    __slots__ = ("_push", "busy", "res", "running", "sched", "waiting")
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        result: SimResult,
+        push: Callable[[float, str, int], None],
+    ) -> None:
+        self.sched = scheduler
+        self.res = result
+        self._push = push
+        # action id -> [sim action, units, seg_start, remaining true T(1), version, index,
+        #               unit-seconds held before seg_start]
+        self.running: dict[str, list[Any]] = {}
+        self.waiting: dict[str, tuple[SimAction, int]] = {}  # submitted, not started
+        self.busy = dict.fromkeys(result.capacity, 0.0)
+
+    def submit(self, action: SimAction, now: float) -> None:
+        res = self.res
+        index = len(res.end)
+        res.kinds.append(action.spec.kind)
+        res.submit.append(now)
+        res.start.append(now)
+        res.end.append(now)
+        res.units.append(0.0)
+        self.waiting[action.spec.id] = (action, index)
+        self.sched.submit(action.spec, now)
+
+    def finish(self, action_id: str, version: int, now: float) -> bool:
+        """Handle a finish event; False if it is stale (the action was re-timed since)."""
+        run = self.running.get(action_id)
+        if run is None or run[4] != version:
+            return False
+        del self.running[action_id]
+        sim_action, units = run[0], run[1]
+        busy = self.busy
+        for r, d in sim_action.spec.demand:
+            busy[r] = busy.get(r, 0.0) + d * units * (now - run[2])
+        res = self.res
+        index = run[5]
+        res.end[index] = now
+        unit_s = run[6] + units * (now - run[2])
+        ran = now - res.start[index]
+        res.units[index] = unit_s / ran if ran > 0 else float(units)
+        self.sched.complete(action_id, now)
+        return True
+
+    def plan(self, now: float) -> None:
+        """Ask the scheduler what to do now, and do it: start actions, resize running ones."""
+        plan = self.sched.schedule(now)
+        running, push = self.running, self._push
+        for st in plan.starts:
+            action, index = self.waiting.pop(st.action_id)
+            self.res.start[index] = now
+            running[st.action_id] = [action, st.units, now, action.true_t1, 0, index, 0.0]
+            push(now + action.true_t1 * action.spec.factor(st.units), st.action_id, 0)
+        for rz in plan.resizes:
+            run = running[rz.action_id]
+            action, old = run[0], run[1]
+            for r, d in action.spec.demand:
+                self.busy[r] = self.busy.get(r, 0.0) + d * old * (now - run[2])
+            run[3] = max(run[3] - (now - run[2]) / action.spec.factor(old), 0.0)
+            run[6] += old * (now - run[2])
+            run[1], run[2] = rz.units, now
+            run[4] += 1
+            push(now + run[3] * action.spec.factor(rz.units), rz.action_id, run[4])
+
+
 class Simulator:
     """Runs workloads against one scheduler; deterministic for a given scheduler and workload."""
 
@@ -119,18 +198,16 @@ class Simulator:
         sched = self.scheduler
         res = SimResult(name=self.name, capacity=sched.capacity())
         heap: list[tuple[float, int, int, Any, int]] = []  # (time, seq, event, payload, version)
-        seq = 0
+        counter = itertools.count()
         for t, action in trace:
-            heap.append((t, seq, _ARRIVE, action, 0))
-            seq += 1
+            heap.append((t, next(counter), _ARRIVE, action, 0))
         heapq.heapify(heap)
 
-        # action id -> [sim action, units, seg_start, remaining true T(1), version, index,
-        #               unit-seconds held before seg_start]
-        running: dict[str, list[Any]] = {}
+        def push_finish(t: float, action_id: str, version: int) -> None:
+            heapq.heappush(heap, (t, next(counter), _FINISH, action_id, version))
+
+        runner = ActionRunner(sched, res, push_finish)
         owner: dict[str, int] = {}  # action id -> trajectory slot
-        waiting: dict[str, tuple[SimAction, int]] = {}  # submitted, not started: (action, index)
-        busy = dict.fromkeys(res.capacity, 0.0)
         traj_turn: list[int] = []
         traj_pending: list[int] = []
         traj_plan: list[TrajectoryPlan] = []
@@ -138,7 +215,7 @@ class Simulator:
         now = 0.0
 
         def start_step(t: float) -> None:
-            nonlocal step_idx, step_start, live, seq
+            nonlocal step_idx, step_start, live
             step_idx += 1
             step_start = t
             traj_plan.clear()
@@ -149,19 +226,8 @@ class Simulator:
                 traj_turn.append(0)
                 traj_pending.append(0)
                 first = plan.turns[0].gen_s if plan.turns else 0.0
-                heapq.heappush(heap, (t + first, seq, _TURN, slot, 0))
-                seq += 1
+                heapq.heappush(heap, (t + first, next(counter), _TURN, slot, 0))
             live = len(steps[step_idx])
-
-        def submit(action: SimAction, t: float) -> None:
-            index = len(res.end)
-            res.kinds.append(action.spec.kind)
-            res.submit.append(t)
-            res.start.append(t)
-            res.end.append(t)
-            res.units.append(0.0)
-            waiting[action.spec.id] = (action, index)
-            sched.submit(action.spec, t)
 
         if steps:
             start_step(0.0)
@@ -171,19 +237,8 @@ class Simulator:
             while heap and heap[0][0] == now:
                 _, _, kind, a, version = heapq.heappop(heap)
                 if kind == _FINISH:
-                    run = running.get(a)
-                    if run is None or run[4] != version:
+                    if not runner.finish(a, version, now):
                         continue  # re-timed by a resize; a newer event exists
-                    del running[a]
-                    sim_action, units = run[0], run[1]
-                    for r, d in sim_action.spec.demand:
-                        busy[r] = busy.get(r, 0.0) + d * units * (now - run[2])
-                    index = run[5]
-                    res.end[index] = now
-                    unit_s = run[6] + units * (now - run[2])
-                    ran = now - res.start[index]
-                    res.units[index] = unit_s / ran if ran > 0 else float(units)
-                    sched.complete(a, now)
                     done += 1
                     if self._on_progress is not None and done % 10_000 == 0:
                         self._on_progress(done)
@@ -196,8 +251,7 @@ class Simulator:
                             nxt = (
                                 turns[traj_turn[slot]].gen_s if traj_turn[slot] < len(turns) else 0
                             )
-                            heapq.heappush(heap, (now + nxt, seq, _TURN, slot, 0))
-                            seq += 1
+                            heapq.heappush(heap, (now + nxt, next(counter), _TURN, slot, 0))
                 elif kind == _TURN:
                     slot = a
                     turns = traj_plan[slot].turns
@@ -214,42 +268,22 @@ class Simulator:
                     if not actions:
                         traj_turn[slot] += 1
                         nxt = turns[k + 1].gen_s if k + 1 < len(turns) else 0.0
-                        heapq.heappush(heap, (now + nxt, seq, _TURN, slot, 0))
-                        seq += 1
+                        heapq.heappush(heap, (now + nxt, next(counter), _TURN, slot, 0))
                         continue
                     traj_pending[slot] = len(actions)
                     for action in actions:
                         owner[action.spec.id] = slot
-                        submit(action, now)
+                        runner.submit(action, now)
                 else:
-                    submit(a, now)
-            plan = sched.schedule(now)
-            for st in plan.starts:
-                action, index = waiting.pop(st.action_id)
-                res.start[index] = now
-                running[st.action_id] = [action, st.units, now, action.true_t1, 0, index, 0.0]
-                end = now + action.true_t1 * action.spec.factor(st.units)
-                heapq.heappush(heap, (end, seq, _FINISH, st.action_id, 0))
-                seq += 1
-            for rz in plan.resizes:
-                run = running[rz.action_id]
-                action, old = run[0], run[1]
-                for r, d in action.spec.demand:
-                    busy[r] = busy.get(r, 0.0) + d * old * (now - run[2])
-                run[3] = max(run[3] - (now - run[2]) / action.spec.factor(old), 0.0)
-                run[6] += old * (now - run[2])
-                run[1], run[2] = rz.units, now
-                run[4] += 1
-                end = now + run[3] * action.spec.factor(rz.units)
-                heapq.heappush(heap, (end, seq, _FINISH, rz.action_id, run[4]))
-                seq += 1
-        if waiting or running:
+                    runner.submit(a, now)
+            runner.plan(now)
+        if runner.waiting or runner.running:
             raise RuntimeError(
-                f"simulation ended with {len(waiting)} actions never started and "
-                f"{len(running)} never finished: the scheduler lost them"
+                f"simulation ended with {len(runner.waiting)} actions never started and "
+                f"{len(runner.running)} never finished: the scheduler lost them"
             )
         res.makespan = now
-        res.busy_unit_seconds = busy
+        res.busy_unit_seconds = runner.busy
         res.wall_seconds = time.perf_counter() - t_wall
         res.schedule_calls = getattr(getattr(sched, "stats", None), "schedule_calls", 0)
         return res

@@ -67,12 +67,48 @@ def _factors(min_units: int, max_units: int, parallel_fraction: float) -> tuple[
     return tuple(model.factor(u) for u in range(min_units, max_units + 1))
 
 
+def tool_action(
+    rng: random.Random, w: CodeAgentWorkload, action_id: str, trajectory_id: str | None
+) -> SimAction:
+    """One code-execution call: a lognormal duration with a Pareto tail, tests or a single run.
+
+    Shared by :func:`code_agent_steps` and the RL-loop model (:mod:`.rl_loop`), so both draw tool
+    calls from one calibrated distribution (three draws from ``rng``, in a fixed order)."""
+    if rng.random() < w.tail_fraction:
+        dur = min(w.tail_min_s * rng.paretovariate(w.tail_alpha), w.tail_cap_s)
+    else:
+        dur = rng.lognormvariate(math.log(w.exec_median_s), w.exec_sigma)
+    tests = rng.random() < w.tests_fraction
+    spec = ActionSpec(
+        id=action_id,
+        kind="sandbox.run_tests" if tests else "sandbox.exec",
+        demand=(("cpu", 1.0),),
+        max_units=w.tests_max_cores if tests else 1,
+        factors=_factors(1, w.tests_max_cores, w.tests_parallel_fraction) if tests else (1.0,),
+        trajectory_id=trajectory_id,
+    )
+    return SimAction(spec, dur)
+
+
+def reward_action(
+    rng: random.Random, w: CodeAgentWorkload, action_id: str, trajectory_id: str | None, kind: str
+) -> SimAction:
+    """One reward-model call of ``kind`` on the GPU pool, elastic across replicas (one draw)."""
+    spec = ActionSpec(
+        id=action_id,
+        kind=kind,
+        demand=(("gpu", 1.0),),
+        max_units=w.reward_max_replicas,
+        factors=_factors(1, w.reward_max_replicas, w.reward_parallel_fraction),
+        trajectory_id=trajectory_id,
+    )
+    return SimAction(spec, w.reward_s * rng.uniform(0.7, 1.3))
+
+
 def code_agent_steps(w: CodeAgentWorkload) -> list[list[TrajectoryPlan]]:
     """Build ``w.steps`` synchronous RL steps of ``w.trajectories_per_step`` trajectories."""
     rng = random.Random(w.seed)
-    tests_factors = _factors(1, w.tests_max_cores, w.tests_parallel_fraction)
-    reward_factors = _factors(1, w.reward_max_replicas, w.reward_parallel_fraction)
-    mu_gen, mu_exec = math.log(w.gen_median_s), math.log(w.exec_median_s)
+    mu_gen = math.log(w.gen_median_s)
     steps: list[list[TrajectoryPlan]] = []
     n = 0
     for step in range(w.steps):
@@ -82,32 +118,12 @@ def code_agent_steps(w: CodeAgentWorkload) -> list[list[TrajectoryPlan]]:
             task = w.reward_models[rng.randrange(len(w.reward_models))]
             turns = []
             for _ in range(rng.randint(w.min_turns, w.max_turns)):
-                if rng.random() < w.tail_fraction:
-                    dur = min(w.tail_min_s * rng.paretovariate(w.tail_alpha), w.tail_cap_s)
-                else:
-                    dur = rng.lognormvariate(mu_exec, w.exec_sigma)
-                tests = rng.random() < w.tests_fraction
-                spec = ActionSpec(
-                    id=f"a{n}",
-                    kind="sandbox.run_tests" if tests else "sandbox.exec",
-                    demand=(("cpu", 1.0),),
-                    max_units=w.tests_max_cores if tests else 1,
-                    factors=tests_factors if tests else (1.0,),
-                    trajectory_id=traj,
-                )
+                tool = tool_action(rng, w, f"a{n}", traj)
                 n += 1
-                turns.append(Turn(rng.lognormvariate(mu_gen, w.gen_sigma), (SimAction(spec, dur),)))
-            reward = ActionSpec(
-                id=f"a{n}",
-                kind=task,
-                demand=(("gpu", 1.0),),
-                max_units=w.reward_max_replicas,
-                factors=reward_factors,
-                trajectory_id=traj,
-            )
+                turns.append(Turn(rng.lognormvariate(mu_gen, w.gen_sigma), (tool,)))
+            reward = reward_action(rng, w, f"a{n}", traj, task)
             n += 1
-            dur = w.reward_s * rng.uniform(0.7, 1.3)
-            turns.append(Turn(rng.lognormvariate(mu_gen, w.gen_sigma), (SimAction(reward, dur),)))
+            turns.append(Turn(rng.lognormvariate(mu_gen, w.gen_sigma), (reward,)))
             plans.append(TrajectoryPlan(traj, tuple(turns)))
         steps.append(plans)
     return steps

@@ -1,0 +1,115 @@
+"""``r1-train``: run GRPO from a YAML config, and draw a run's curves.
+
+    r1-train run --config configs/arithmetic_tool.yaml run.steps=20 grpo.beta=0.001
+    r1-train run --config FILE.yaml --resume
+    r1-train plot runs/r1
+
+A bad config prints every bad field with its rule and exits with status 2, before anything
+starts. Telemetry follows the standard ``OTEL_*`` variables (e.g.
+``OTEL_TRACES_EXPORTER=console``, or ``OTEL_EXPORTER_OTLP_ENDPOINT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r1-train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train with GRPO")
+    run.add_argument("--config", type=Path, help="YAML config (see packages/r1-train/configs/)")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    run.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
+    plot = sub.add_parser("plot", help="draw a run's curves as PNG")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("--out", type=Path, default=None, help="folder (default RUN_DIR/plots)")
+    return p
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    """Reward per step, as the demo prints it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="GRPO steps")
+    cols = [
+        "step",
+        "reward_mean",
+        "accuracy",
+        "response_tokens_mean",
+        "tool_calls",
+        "loss",
+        "time/step",
+    ]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for row in rows:
+        cells = []
+        for col in cols:
+            v = row.get(col)
+            cells.append(f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "plot":
+        from r1_train.metrics import plot_run
+
+        try:
+            written = plot_run(args.run_dir, args.out)
+        except FileNotFoundError as exc:
+            print(f"r1-train plot: {exc}", file=sys.stderr)
+            return 2
+        for path in written:
+            print(path)
+        return 0
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        # Every rank would start its own vLLM, Ray, sandboxes and rewards, and train alone.
+        print(
+            f"r1-train: launched as one of {world} ranks (WORLD_SIZE={world}); `r1-train run` "
+            "trains in one process. The data-parallel update is r1_train.distributed "
+            "(FSDP2 under torchrun, see the README's Multi-GPU section); the rollout-on-rank-0 "
+            "loop around it is not built yet. Run without torchrun.",
+            file=sys.stderr,
+        )
+        return 2
+    from r1_train.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"r1-train: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tangram_core.telemetry import configure_telemetry
+
+    telemetry = configure_telemetry(service_name="r1-train")
+    from r1_train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        results = asyncio.run(trainer.train())
+    finally:
+        trainer.close()
+        telemetry.shutdown()
+    print_table([{"step": r.step, **r.metrics} for r in results])
+    from r1_train.metrics import plot_run
+
+    for path in plot_run(cfg.run.out_dir):
+        print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""The run's configuration: one pydantic tree, loaded from YAML plus ``a.b=value`` overrides.
+
+Every field is validated at the edge, unknown fields are refused (a typo must not silently fall
+back to a default), and cross-field rules state the invariant, the values and the fix, as TRL's
+``GRPOConfig`` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from r1_train.grpo import AdvantageScale, ISCorrection, LossType
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: Path = Field(description="Local checkpoint folder of the policy (HF layout).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 where the hardware computes in it, else fp32."
+    )
+
+    @model_validator(mode="after")
+    def _exists(self) -> ModelConfig:
+        if not (self.path / "config.json").is_file():
+            raise ValueError(
+                f"model.path {str(self.path)!r} holds no config.json; point it at a local "
+                "checkpoint folder (e.g. `make models` builds .cache/models/smollm2-135m-instruct)"
+            )
+        return self
+
+
+class RolloutConfig(_Strict):
+    engine: Literal["vllm", "openai"] = Field("vllm", description="In-process vLLM or a server.")
+    group_size: int = Field(4, ge=1, description="Samples per prompt (GRPO's G).")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens the model may write per turn.")
+    max_total_tokens: int = Field(512, ge=16, description="Prompt + all turns, the hard cap.")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1: no top-k.")
+    stop: tuple[str, ...] = Field((), description="Extra stop strings.")
+    server_url: str | None = Field(
+        None,
+        description="engine=openai: a vLLM server on this host, started with "
+        "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls r1_train.vllm_sync.WeightSyncExtension.",
+    )
+    enforce_eager: bool = True
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV cache (GiB).")
+
+    @model_validator(mode="after")
+    def _server(self) -> RolloutConfig:
+        if self.engine == "openai" and not self.server_url:
+            raise ValueError(
+                "rollout.engine 'openai' needs rollout.server_url, e.g. http://127.0.0.1:8000"
+            )
+        if self.max_new_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"rollout.max_new_tokens ({self.max_new_tokens}) must be < max_total_tokens "
+                f"({self.max_total_tokens}), which also holds the prompt"
+            )
+        return self
+
+
+class AgentConfig(_Strict):
+    """Multi-turn tool use: the model writes code, the sandbox runs it, the output comes back."""
+
+    max_turns: int = Field(1, ge=1, description="1: single-turn, no tool calls.")
+    code_open: str = "<code>"
+    code_close: str = "</code>"
+    output_open: str = "<output>"
+    output_close: str = "</output>"
+    max_observation_chars: int = Field(512, ge=16, description="Tool output kept per call.")
+    tool_wall_s: float = Field(5.0, gt=0, le=300, description="Wall-clock limit per tool call.")
+    tool_memory_mb: int = Field(256, ge=16)
+    lockstep: bool = Field(
+        True,
+        description="All trajectories advance turn by turn in one engine batch (deterministic: "
+        "--resume replays bit for bit). False: each runs on its own and the engine batches what "
+        "is pending, so tool calls overlap generation (faster with slow tools).",
+    )
+    prefill: str = Field(
+        "", description="Text that opens the model's first turn (part of the prompt, not trained)."
+    )
+
+
+class GRPOConfig(_Strict):
+    loss_type: LossType = "grpo"
+    epsilon_low: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0, description="DAPO clip-higher (e.g. 0.28).")
+    beta: float = Field(
+        0.0, ge=0, description="KL coefficient to the frozen reference (R1: 0.001)."
+    )
+    scale: AdvantageScale = Field("group", description="Advantage deviation: group, batch, none.")
+    dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal.")
+    mask_truncated: bool = Field(False, description="Overlong filtering: no loss on cut answers.")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong penalty window (tokens).")
+    overlong_penalty: float = Field(1.0, ge=0)
+    updates_per_batch: int = Field(1, ge=1, description="Optimiser passes over each batch.")
+    is_correction: ISCorrection = Field(
+        "tis",
+        description="Off-policy correction of the surrogate by pi_trainer / pi_sampler per token: "
+        "tis truncates the weight at is_cap, mis drops tokens outside [1/is_cap, is_cap], none.",
+    )
+    is_cap: float = Field(2.0, gt=1, description="Importance-weight cap (tis) or band (mis).")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward.")
+
+
+TaskKind = Literal["arithmetic", "countdown", "code", "jsonl", "parquet"]
+
+
+class TaskConfig(_Strict):
+    kind: TaskKind = "arithmetic"
+    path: Path | None = Field(None, description="jsonl/parquet: the file.")
+    size: int = Field(256, ge=1, description="Generated tasks: how many.")
+    seed: int = 0
+    template: Literal["r1_zero", "chat", "plain"] = "chat"
+    max_operand: int = Field(50, ge=1, description="Arithmetic/countdown number range.")
+
+    @model_validator(mode="after")
+    def _path(self) -> TaskConfig:
+        if self.kind in ("jsonl", "parquet"):
+            if self.path is None:
+                raise ValueError(f"task.kind {self.kind!r} needs task.path")
+            if not self.path.is_file():
+                raise ValueError(f"task.path {str(self.path)!r} does not exist")
+        return self
+
+
+RewardName = Literal["math", "format", "code", "countdown", "rm"]
+
+
+class RewardsConfig(_Strict):
+    weights: dict[RewardName, float] = Field(
+        default_factory=lambda: {"math": 1.0},  # type: ignore[arg-type]
+        description="Reward components and weights.",
+    )
+    rule_replicas: int = Field(1, ge=1)
+    rm_path: Path | None = Field(None, description="'rm': a sequence-classification checkpoint.")
+
+    @model_validator(mode="after")
+    def _rm(self) -> RewardsConfig:
+        if not self.weights:
+            raise ValueError("rewards.weights must name at least one reward, e.g. {math: 1.0}")
+        if "rm" in self.weights and self.rm_path is None:
+            raise ValueError("reward 'rm' needs rewards.rm_path (a local reward-model folder)")
+        return self
+
+
+class SandboxConfig(_Strict):
+    workers: int = Field(2, ge=1, description="Sandbox pool size (tool calls and code tests).")
+    provisioning: Literal["tangram", "static"] = Field(
+        "tangram",
+        description="tangram: every action scheduled on the shared pool. static: the baseline "
+        "where a trajectory leases one sandbox for its whole life (needs agent.lockstep false).",
+    )
+
+
+class AsyncConfig(_Strict):
+    """``run.mode: async``: the engine generates ahead of the trainer, within a staleness bound."""
+
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="A step that trains policy version v may use tokens sampled by versions "
+        ">= v - max_staleness; 0 is the synchronous schedule.",
+    )
+    on_update: Literal["continue", "drop"] = Field(
+        "continue",
+        description="New weights reach the engine between decode steps. continue: trajectories "
+        "in flight go on under the new weights (partial rollout); drop: they are aborted and "
+        "generated again from the start.",
+    )
+    recompute_kv: bool = Field(
+        True,
+        description="continue: recompute in-flight requests' KV cache under the new weights "
+        "(else the cached keys and values of the old weights are kept, as PipelineRL does).",
+    )
+
+
+class RunConfig(_Strict):
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="async: rollouts run ahead of training (see the asynchronous section)."
+    )
+    steps: int = Field(10, ge=1)
+    prompts_per_step: int = Field(4, ge=1)
+    seed: int = 0
+    out_dir: Path = Path("runs/r1")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0: at the end only.")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in out_dir.")
+    progress: bool = True
+    tensorboard: bool = True
+
+
+class TrainConfig(_Strict):
+    """Everything one run needs; ``r1-train run --config FILE.yaml a.b=value`` builds it."""
+
+    model: ModelConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    asynchronous: AsyncConfig = Field(default_factory=AsyncConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        g = self.rollout.group_size
+        if self.grpo.scale == "group" and g < 2:
+            raise ValueError(
+                f"rollout.group_size ({g}) must be >= 2 with grpo.scale 'group' (a group's "
+                "deviation needs two samples); raise group_size or set grpo.scale to 'batch'"
+            )
+        if self.grpo.overlong_buffer > self.rollout.max_new_tokens * self.agent.max_turns:
+            raise ValueError(
+                f"grpo.overlong_buffer ({self.grpo.overlong_buffer}) exceeds the longest answer "
+                f"({self.rollout.max_new_tokens} x {self.agent.max_turns} turns)"
+            )
+        if self.sandbox.provisioning == "static" and self.agent.lockstep:
+            raise ValueError(
+                "sandbox.provisioning 'static' leases a sandbox per trajectory, which deadlocks "
+                "trajectories that advance in lockstep; set agent.lockstep to false"
+            )
+        if self.run.mode == "async" and self.rollout.engine != "vllm":
+            raise ValueError(
+                "run.mode 'async' updates weights between decode steps of the in-process engine; "
+                "set rollout.engine to 'vllm'"
+            )
+        if self.task.kind == "code" and "code" not in self.rewards.weights:
+            raise ValueError("task.kind 'code' is scored by tests: add 'code' to rewards.weights")
+        if "countdown" in self.rewards.weights and self.task.kind != "countdown":
+            raise ValueError(
+                f"reward 'countdown' needs task.kind 'countdown' (got {self.task.kind!r})"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A bad config: the message lists every bad field with its rule."""
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(
+    path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """YAML file, then ``a.b=value`` overrides (values parsed as YAML), then validation."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top")
+        tree = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        ]
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}:\n" + "\n".join(lines)) from None

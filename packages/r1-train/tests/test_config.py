@@ -1,0 +1,100 @@
+"""Config loading: YAML + overrides, and a clear error for every bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from r1_train.cli import main
+from r1_train.config import ConfigError, load_config
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    return tmp_path / "m"
+
+
+def test_yaml_then_overrides(tmp_path: Path, model_dir: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(f"model: {{path: {model_dir}}}\ngrpo: {{beta: 0.001}}\nrun: {{steps: 3}}\n")
+    cfg = load_config(f, ["run.steps=7", "rewards.weights={math: 1, format: 0.5}"])
+    assert (cfg.run.steps, cfg.grpo.beta) == (7, 0.001)
+    assert cfg.rewards.weights == {"math": 1.0, "format": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["grpo.betta=0.1"], "grpo.betta: Extra inputs are not permitted"),
+        (["grpo.epsilon_low=1.5"], "grpo.epsilon_low: Input should be less than 1"),
+        (["rollout.group_size=1"], "rollout.group_size (1) must be >= 2 with grpo.scale 'group'"),
+        (["rollout.max_new_tokens=600"], "max_new_tokens (600) must be < max_total_tokens (512)"),
+        (["rewards.weights={rm: 1}"], "reward 'rm' needs rewards.rm_path"),
+        (["rewards.weights={bleu: 1}"], "rewards.weights.bleu"),
+        (["task.kind=code"], "task.kind 'code' is scored by tests: add 'code' to rewards.weights"),
+        (["task.kind=jsonl"], "task.kind 'jsonl' needs task.path"),
+        (["rollout.engine=openai"], "rollout.engine 'openai' needs rollout.server_url"),
+        (["run.steps"], "override 'run.steps' must look like section.field=value"),
+        (
+            ["run.mode=async", "rollout.engine=openai", "rollout.server_url=http://x:1"],
+            "run.mode 'async' updates weights between decode steps of the in-process engine",
+        ),
+        (["asynchronous.max_staleness=-1"], "asynchronous.max_staleness: Input should be greater"),
+        (["asynchronous.on_update=wait"], "asynchronous.on_update: Input should be 'continue'"),
+        (["grpo.is_correction=seq"], "grpo.is_correction: Input should be 'none', 'tis' or 'mis'"),
+        (["grpo.is_cap=1"], "grpo.is_cap: Input should be greater than 1"),
+    ],
+)
+def test_bad_fields_are_named(model_dir: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model.path={model_dir}", *overrides])
+    assert message in str(err.value)
+
+
+def test_missing_model_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"holds no config\.json; point it at a local checkpoint"):
+        load_config(None, [f"model.path={tmp_path}"])
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top"):
+        load_config(bad)
+
+
+def test_cli_prints_every_bad_field_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["run", f"model.path={tmp_path}", "grpo.beta=-1", "optim.lr=0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model.path" in err
+    assert "grpo.beta: Input should be greater than or equal to 0" in err
+    assert "optim.lr: Input should be greater than 0" in err
+
+
+def test_run_under_torchrun_with_several_ranks_refuses_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """N ranks would each start a whole run (vLLM, Ray, sandboxes) and train alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", f"model.path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "one of 2 ranks (WORLD_SIZE=2)" in err
+    assert "Run without torchrun" in err
+
+
+def test_shipped_configs_are_valid(model_dir: Path) -> None:
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path, [f"model.path={model_dir}"])
