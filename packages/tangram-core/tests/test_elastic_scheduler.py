@@ -82,6 +82,40 @@ def test_queued_action_reclaims_borrowed_units():
     assert s.usage() == {"cpu": 4}
 
 
+def test_a_refused_shrink_puts_the_units_back_and_the_action_is_never_resized_again():
+    s = make_scheduler({"cpu": 4})
+    s.submit(make_spec("elastic", est=40, max_units=4, parallel_fraction=1.0), now=0)
+    assert started(s.schedule(0)) == {"elastic": 4}
+    s.submit(make_spec("rigid", est=1), now=1)
+    assert s.schedule(1).resizes == (Resize("elastic", 3),)
+    # The manager kept it on 4: the pool is overcommitted by the one unit "rigid" started on.
+    s.resize_refused("elastic", 4, now=1.1)
+    assert s.usage() == {"cpu": 5}
+    assert s.stats.resizes_refused == 1
+    s.submit(make_spec("next", est=1), now=2)
+    assert s.schedule(2) == EMPTY_PLAN  # no reclaim from a fixed action, nothing fits
+    s.complete("rigid", now=3)
+    assert s.schedule(3) == EMPTY_PLAN  # 4 of 4 still held by "elastic"
+    s.complete("elastic", now=4)
+    assert started(s.schedule(4)) == {"next": 1}
+    assert s.usage() == {"cpu": 1}
+
+
+def test_a_refused_grow_frees_the_units_it_never_handed_over():
+    s = make_scheduler({"cpu": 8}, expand_reserve=0.0)
+    s.submit(make_spec("c", est=40), now=0)
+    s.submit(make_spec("d", est=40, max_units=8, parallel_fraction=1.0), now=0)
+    assert started(s.schedule(0)) == {"c": 1, "d": 7}
+    s.complete("c", now=1)
+    assert s.schedule(1).resizes == (Resize("d", 8),)
+    s.resize_refused("d", 7, now=1.1)  # the grow never happened
+    assert s.usage() == {"cpu": 7}
+    assert s.schedule(2) == EMPTY_PLAN  # d is fixed: no second grow
+    s.submit(make_spec("f", est=1), now=3)
+    assert started(s.schedule(3)) == {"f": 1}
+    assert s.usage() == {"cpu": 8}
+
+
 def test_no_running_resizes_when_manager_cannot_resize():
     s = make_scheduler({"cpu": 4}, resize_running=False)
     s.submit(make_spec("first", est=10, max_units=4), now=0)

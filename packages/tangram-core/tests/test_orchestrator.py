@@ -17,6 +17,7 @@ from tangram_core.actions import Action, ActionResult, ActionStatus
 from tangram_core.elasticity import Amdahl, Elasticity
 from tangram_core.orchestrator import Orchestrator, OrchestratorConfig, QueueFull
 from tangram_core.process_pool import ProcessPoolConfig, ProcessPoolManager, function_action
+from tangram_core.resource_manager import ResourceManager
 from tangram_core.testing import pid_alive
 
 SLEEP = "tangram_core.process_pool:sleep_task"
@@ -204,6 +205,44 @@ def test_timeout_stops_the_run_and_the_pool_recovers():
         assert after.ok
 
     asyncio.run(main())
+
+
+def test_a_missed_deadline_ends_the_action_timeout_queued_or_running_and_frees_its_worker(
+    span_exporter,
+):
+    async def main() -> None:
+        pool = ProcessPoolManager(1)
+        async with Orchestrator([pool]) as orch:
+            running = asyncio.ensure_future(orch.submit(sleep(30, deadline_s=0.4)))
+            await wait_for(lambda: orch.running == 1)
+            queued = asyncio.ensure_future(orch.submit(sleep(0.01, deadline_s=0.2)))
+            kept = asyncio.ensure_future(orch.submit(sleep(0.01, deadline_s=20)))
+            late, early, ok = await asyncio.gather(running, queued, kept)
+        return late, early, ok
+
+    t0 = time.monotonic()
+    late, early, ok = asyncio.run(main())
+    assert time.monotonic() - t0 < 10, "the 30 s action was not stopped at its deadline"
+    assert early.status is ActionStatus.TIMEOUT
+    assert early.start_time is None
+    assert early.error_type == "DeadlineExceeded"
+    assert "deadline_s=0.2" in early.error
+    assert "still queued" in early.error
+    assert late.status is ActionStatus.TIMEOUT
+    assert late.start_time is not None
+    assert "deadline_s=0.4" in late.error
+    assert "still running" in late.error
+    assert 0.4 <= late.act_s < 5
+    # The one worker was freed at the deadline, so the action with time left ran.
+    assert ok.ok
+    assert ok.start_time >= late.end_time - 0.05
+    spans = {
+        s.attributes[sc.ACTION_ID]: s
+        for s in span_exporter.get_finished_spans()
+        if s.name == sc.SPAN_ACTION
+    }
+    assert spans[early.action_id].attributes[sc.ERROR_TYPE] == "DeadlineExceeded"
+    assert spans[late.action_id].status.status_code is StatusCode.ERROR
 
 
 def test_cancel_trajectory_cancels_only_that_trajectory():
@@ -423,3 +462,75 @@ def test_misconfigured_managers_are_refused():
                 ProcessPoolManager(1, config=ProcessPoolConfig(name="other", kinds=("x.*",))),
             ]
         )
+
+
+class RefusingResizeManager(ResourceManager):
+    """A manager that claims to resize running actions and refuses every resize.
+
+    No built-in manager resizes running actions (worker processes, sandboxes and Serve
+    replicas cannot be handed to a running action), so a third-party manager's refusal can only
+    be exercised with one written for it. Actions run until the test releases them."""
+
+    name = "refusing"
+    kinds = frozenset({"job"})
+    supports_resize = True
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.units: dict[str, int] = {}
+        self.asked: list[tuple[str, int]] = []
+
+    def resources(self) -> dict[str, float]:
+        return {"cpu": 4.0}
+
+    async def start(self, action: Action, units: int) -> int:
+        self.units[action.id] = units
+        await self.release.wait()
+        return self.units[action.id]
+
+    async def resize(self, action_id: str, units: int) -> bool:
+        self.asked.append((action_id, units))
+        return False
+
+    async def cancel(self, action_id: str) -> bool:
+        return False
+
+    async def scale_to(self, n_units: int) -> None:
+        raise ValueError("fixed size")
+
+    async def shutdown(self, drain: bool = True) -> None:
+        self.release.set()
+
+
+def test_a_refused_resize_is_put_back_in_the_scheduler_and_on_the_span(span_exporter):
+    async def main() -> None:
+        manager = RefusingResizeManager()
+        elastic = Action(
+            id="elastic",
+            kind="job",
+            estimated_duration_s=40,
+            elasticity=Elasticity(max_units=4, speedup=Amdahl(parallel_fraction=1.0)),
+        )
+        async with Orchestrator([manager]) as orch:
+            first = asyncio.ensure_future(orch.submit(elastic))
+            await wait_for(lambda: manager.units.get("elastic") == 4)
+            second = asyncio.ensure_future(orch.submit(Action(id="rigid", kind="job")))
+            await wait_for(lambda: orch.scheduler.stats.resizes_refused == 1)
+            assert manager.asked == [("elastic", 3)]
+            # The manager kept all 4: the scheduler counts them again, overcommitted by one.
+            assert orch.scheduler.usage() == {"cpu": 5.0}
+            manager.release.set()
+            results = await asyncio.gather(first, second)
+        assert [r.output for r in results] == [4, 1]
+        assert manager.asked == [("elastic", 3)]  # never asked again
+
+    asyncio.run(main())
+    span = next(
+        s
+        for s in span_exporter.get_finished_spans()
+        if s.name == sc.SPAN_ACTION and s.attributes[sc.ACTION_ID] == "elastic"
+    )
+    refused = [e for e in span.events if e.name == sc.EVENT_ACTION_RESIZE_REFUSED]
+    assert len(refused) == 1
+    assert refused[0].attributes[sc.ACTION_RESIZE_TARGET] == 3
+    assert refused[0].attributes[sc.ACTION_UNITS] == 4

@@ -110,6 +110,7 @@ class _Running:
     seg_start: float
     t1_done: float = 0.0
     fu: float = 1.0  # T(units)/T(1), cached: this is on the simulator's hot path
+    fixed: bool = False  # its manager refused a resize: never grow or shrink it again
 
     def remaining_t1(self, now: float) -> float:
         done = self.t1_done + (now - self.seg_start) / self.fu
@@ -183,6 +184,7 @@ class ElasticScheduler(Scheduler):
             raise ValueError(f"capacity must be >= 0 for every resource type; got {bad}")
         self._cap = dict(capacity)
         self._limits = dict(limits) if limits is not None else dict(capacity)
+        self._valid_shapes: set[Shape] = set()  # shapes that passed `submit`'s checks
         self._freed.update(self._cap)
         reserve = self.config.expand_reserve
         self._expand_cap = {r: c - math.floor(reserve * c) for r, c in self._cap.items()}
@@ -193,6 +195,15 @@ class ElasticScheduler(Scheduler):
     def submit(self, spec: ActionSpec, now: float) -> None:
         if spec.id in self._queued or spec.id in self._running:
             raise ValueError(f"action {spec.id!r} was submitted twice")
+        shape = (spec.demand, spec.min_units)
+        if shape not in self._valid_shapes:
+            self._check_limits(spec)
+            self._valid_shapes.add(shape)
+        est = spec.estimated_t1 or self.estimator.estimate(spec.kind, spec.size)
+        self._enqueue(spec, now, est)
+        self.stats.submitted += 1
+
+    def _check_limits(self, spec: ActionSpec) -> None:
         for resource, per_unit in spec.demand:
             need = per_unit * spec.min_units
             limit = self._limits.get(resource)
@@ -207,12 +218,9 @@ class ElasticScheduler(Scheduler):
                     f"of {spec.min_units} unit(s), more than the pool can ever hold ({limit:g}); "
                     f"lower min_units or the per-unit demand, or raise the pool's limit"
                 )
-        est = spec.estimated_t1 or self.estimator.estimate(spec.kind, spec.size)
-        self._enqueue(spec, now, est)
-        self.stats.submitted += 1
 
     def _enqueue(self, spec: ActionSpec, submit_time: float, est_t1: float) -> None:
-        rank = est_t1 * spec.factor(spec.min_units) + self.config.aging_rate * submit_time
+        rank = est_t1 * spec.factors[0] + self.config.aging_rate * submit_time
         seq = next(self._seq)
         item = _Queued(spec, submit_time, (-spec.priority, rank, seq), est_t1)
         self._queued[spec.id] = item
@@ -239,6 +247,23 @@ class ElasticScheduler(Scheduler):
         self._lend(run, run.units, 0)
         self._release(run.spec, run.units)
         self._enqueue(run.spec, run.submit_time, run.est_t1)
+
+    def resize_refused(self, action_id: str, units: int, now: float) -> None:
+        run = self._running.get(action_id)
+        if run is None or run.fixed:
+            return  # it ended meanwhile, or was already put back
+        if units != run.units:
+            if units > run.units:
+                self._take(run.spec, units - run.units)
+            else:
+                self._release(run.spec, run.units - units)
+            self._lend(run, run.units, units)
+            run.resize(units, now)
+        # Out of expansion and reclaim: its units above the minimum are no longer lendable.
+        self._lend(run, run.units, 0)
+        run.fixed = True
+        self.stats.resizes_refused += 1
+        self._dirty = True
 
     def cancel(self, action_id: str) -> bool:
         item = self._queued.pop(action_id, None)
@@ -373,13 +398,12 @@ class ElasticScheduler(Scheduler):
 
     def _admit_in_rank_order(self, now: float, rnd: _Round) -> None:
         if self._freed:
-            freed = self._freed
-            self._stuck = {sh for sh in self._stuck if not any(r in freed for r, _ in sh[0])}
+            self._unstick(self._freed)
             self._freed = set()
         heads: list[tuple[tuple[int, float, int], Shape]] = []
         for shape, heap in self._shapes.items():
             if shape in self._stuck:
-                rnd.blocked.update(r for r, _ in shape[0])
+                rnd.blocked |= _resources(shape[0])
                 continue
             while heap and not heap[0][1].alive:
                 heapq.heappop(heap)
@@ -406,13 +430,36 @@ class ElasticScheduler(Scheduler):
             else:
                 del self._shapes[shape]
 
+    def _unstick(self, freed: set[str]) -> None:
+        """Re-admit the stuck shapes that a release may have made startable.
+
+        A shape stays stuck while its minimum still does not fit and none of its resources has
+        borrowed units to reclaim: trying it again would fail the same way, and on a saturated
+        pool every completion would otherwise re-try every shape.
+        """
+        borrowed = self._borrowed
+        still: set[Shape] = set()
+        for shape in self._stuck:
+            demand, min_units = shape
+            touched = lendable = False
+            for r, _ in demand:  # one plain loop: this runs on every completion
+                if r in freed:
+                    touched = True
+                if borrowed.get(r, 0.0) > _EPS:
+                    lendable = True
+            if not (touched and (lendable or self._fits(demand, min_units))):
+                still.add(shape)
+        self._stuck = still
+
     def _reclaim(self, spec: ActionSpec, now: float, rnd: _Round) -> bool:
         """Shrink borrowed units (above their minimum) so that ``spec`` fits; all or nothing."""
         borrowed = self._borrowed
-        if self.config.resize_running and not any(
-            borrowed.get(r, 0.0) > _EPS for r, _ in spec.demand
-        ):
-            return False  # the common case under load: nothing to take back
+        if self.config.resize_running:
+            for r, _ in spec.demand:
+                if borrowed.get(r, 0.0) > _EPS:
+                    break
+            else:
+                return False  # the common case under load: nothing to take back
         deficit = {
             r: self._used.get(r, 0.0) + d * spec.min_units - self._cap.get(r, 0.0)
             for r, d in spec.demand
@@ -437,7 +484,12 @@ class ElasticScheduler(Scheduler):
             heap = self._lenders[shape]
             _, _, run_id, units = heapq.heappop(heap)
             run = self._running.get(run_id)
-            if run is not None and run.units == units and units > run.spec.min_units:
+            if (
+                run is not None
+                and not run.fixed
+                and run.units == units
+                and units > run.spec.min_units
+            ):
                 self._release(run.spec, 1)
                 self._set_units(run, units - 1, now, rnd)
                 for r, d in shape:
@@ -471,6 +523,8 @@ class ElasticScheduler(Scheduler):
 
     def _lend(self, run: _Running, old_units: int, new_units: int) -> None:
         """Keep `_borrowed` exact when a run's borrowed units change (new_units 0: it ended)."""
+        if run.fixed:
+            return  # its borrowed units left the totals when it was fixed
         spec = run.spec
         old_extra = max(old_units - spec.min_units, 0)
         new_extra = max(new_units - spec.min_units, 0)
@@ -502,7 +556,7 @@ class ElasticScheduler(Scheduler):
         return run.remaining_t1(now) * (run.fu - run.spec.factors[i + 1])
 
     def _push_growable(self, run: _Running, now: float) -> None:
-        if run.units < run.spec.max_units:
+        if run.units < run.spec.max_units and not run.fixed:
             gain = self._gain(run, now)
             if gain >= self.config.min_gain_s:
                 heap = self._growable.setdefault(run.spec.demand, [])
@@ -527,7 +581,7 @@ class ElasticScheduler(Scheduler):
                 continue  # this shape's resources are used up
             entry = heapq.heappop(heap)
             run = self._running.get(entry[2])
-            if run is not None and run.units == entry[3]:
+            if run is not None and run.units == entry[3] and not run.fixed:
                 if not grow_running and entry[2] not in rnd.starts:
                     pass  # started in an earlier round; its units are fixed: drop the entry
                 else:

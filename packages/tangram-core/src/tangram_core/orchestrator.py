@@ -25,6 +25,9 @@ scheduler stays pure; this module holds the clock (``time.monotonic``) and the I
 * Retries: :class:`~tangram_core.resource_manager.WorkerLost` puts the action back in the queue
   (``scheduler.requeue``, keeping its place) up to ``max_retries`` times; any other exception is
   the action's own error and is not retried.
+* Deadlines: an action whose ``deadline_s`` passes before it ends is taken out of the queue,
+  or cancelled on its manager, and ends TIMEOUT with ``error_type`` ``DeadlineExceeded``: a
+  result that comes too late is not worth the units it would hold.
 * Telemetry: one span per action, named ``tangram.action`` (``semconv.SPAN_ACTION``) for every
   kind, a child of the submitter's current span, from submission to result. We do not use the
   GenAI ``execute_tool {tool}`` name: an action kind is not a tool name (one ``sandbox.exec``
@@ -60,7 +63,13 @@ from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLo
 from tangram_core.scheduler import ActionSpec, CapacityError, Scheduler
 from tangram_core.telemetry import get_meter, get_tracer
 
-__all__ = ["Orchestrator", "OrchestratorConfig", "QueueFull", "UnknownActionKind"]
+__all__ = [
+    "DeadlineExceeded",
+    "Orchestrator",
+    "OrchestratorConfig",
+    "QueueFull",
+    "UnknownActionKind",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +104,15 @@ class OrchestratorConfig(BaseModel):
 
 class QueueFull(Exception):
     """``submit_nowait`` found ``max_queue`` actions already waiting."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """An action's ``deadline_s`` passed before it ended: its result would come too late to use.
+
+    It ends with status TIMEOUT and this ``error_type``, wherever it was: a queued action leaves
+    the queue, a running one is cancelled on its manager, so that late work frees its units for
+    actions whose results are still wanted.
+    """
 
 
 class UnknownActionKind(LookupError):
@@ -172,6 +190,10 @@ class _Record:
     running: bool = False  # started; the scheduler holds its units
     resolved: bool = False
     cancel_reason: str | None = None
+    deadline: asyncio.TimerHandle | None = None
+    resizing: asyncio.Lock | None = None  # resizes reach the manager one at a time, in order
+    resize_refused: bool = False
+    missed: DeadlineExceeded | None = None  # set when the deadline cancelled it
 
 
 class Orchestrator:
@@ -511,8 +533,26 @@ class Orchestrator:
         record = _Record(action, manager, future, span, submit_time)
         self._records[action.id] = record
         self._queued[action.id] = record
+        if action.deadline_s is not None:
+            record.deadline = asyncio.get_running_loop().call_at(
+                submit_time + action.deadline_s, self._on_deadline, record
+            )
         self._pump()
         return record
+
+    def _on_deadline(self, record: _Record) -> None:
+        """The deadline passed: end the action TIMEOUT wherever it is (queued or running)."""
+        if record.resolved or record.cancel_reason is not None:
+            return  # already ending for another reason, which its result keeps
+        action = record.action
+        where = "still queued" if action.id in self._queued else "still running"
+        missed = DeadlineExceeded(
+            f"action {action.id!r} ({action.kind}) missed its deadline_s={action.deadline_s:g}: "
+            f"it was {where} after {time.monotonic() - record.submit_time:.3g}s; raise "
+            f"deadline_s, add capacity, or give it a higher priority"
+        )
+        record.missed = missed
+        self._cancel(record, str(missed))
 
     # -- internals: the loop ---------------------------------------------------------------------
 
@@ -659,11 +699,32 @@ class Orchestrator:
         return True
 
     async def _resize(self, record: _Record, units: int) -> None:
-        try:
-            if await record.manager.resize(record.action.id, units):
+        """Carry out one resize of the plan. A refusal (or an error) is reported back to the
+        scheduler with the units the action still has, so that its accounting stays true: it
+        would otherwise count units that were never handed over, or lend out units the action
+        still holds."""
+        if record.resizing is None:
+            record.resizing = asyncio.Lock()
+        async with record.resizing:
+            if record.resize_refused or not record.running:
+                return  # the scheduler has stopped resizing it, or it ended meanwhile
+            try:
+                accepted = await record.manager.resize(record.action.id, units)
+            except Exception:
+                logger.exception("resize of action %r to %d units failed", record.action.id, units)
+                accepted = False
+            if accepted:
                 record.units = units
-        except Exception:
-            logger.exception("resize of action %r to %d units failed", record.action.id, units)
+                return
+            if not record.running:
+                return
+            record.resize_refused = True
+            record.span.add_event(
+                sc.EVENT_ACTION_RESIZE_REFUSED,
+                {sc.ACTION_UNITS: record.units, sc.ACTION_RESIZE_TARGET: units},
+            )
+            self.scheduler.resize_refused(record.action.id, record.units, time.monotonic())
+            self._pump()
 
     async def _open_managers(self) -> None:
         await asyncio.gather(*(m.open() for m in self._managers))
@@ -728,6 +789,10 @@ class Orchestrator:
             return
         record.resolved = True
         self._records.pop(record.action.id, None)
+        if record.deadline is not None:
+            record.deadline.cancel()
+        if record.missed is not None and status is ActionStatus.CANCELLED:
+            status, exc = ActionStatus.TIMEOUT, record.missed
         if status is ActionStatus.CANCELLED:
             error = f"cancelled: {record.cancel_reason or 'its run was cancelled'}"
         else:

@@ -101,6 +101,7 @@ class SchedulerStats:
     completed: int = 0
     cancelled: int = 0
     resizes: int = 0
+    resizes_refused: int = 0
     schedule_calls: int = 0
     by_kind_started: dict[str, int] = field(default_factory=dict)
 
@@ -143,6 +144,11 @@ class Scheduler(abc.ABC):
     def requeue(self, action_id: str, now: float) -> None:
         """Put a started action back in the queue (its worker died): frees its units, keeps its
         original submission time so it does not lose its place to aging."""
+
+    def resize_refused(self, action_id: str, units: int, now: float) -> None:  # noqa: B027
+        """The manager kept running action ``action_id`` on ``units`` units: it refused (or
+        failed) a resize of the plan. Schedulers that resize running actions put their
+        accounting back to ``units`` and stop resizing that action; others ignore it."""
 
     def trajectory_done(self, trajectory_id: str, now: float) -> None:  # noqa: B027
         """Called when a trajectory ends. Action-level schedulers hold nothing per trajectory and

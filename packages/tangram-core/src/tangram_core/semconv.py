@@ -59,15 +59,18 @@ SPAN_REWARD_SCORE: Final = "tangram.reward.score"
 SPAN_SANDBOX_RUN: Final = "tangram.sandbox.run"
 SPAN_SANDBOX_RUN_TESTS: Final = "tangram.sandbox.run_tests"
 
-# Events on an action span: each start on a manager, and each retry after its worker died.
+# Events on an action span: each start on a manager, each retry after its worker died, and a
+# resize of a running action that its manager refused (its units stay fixed from then on).
 EVENT_ACTION_START: Final = "tangram.action.start"
 EVENT_ACTION_RETRY: Final = "tangram.action.retry"
+EVENT_ACTION_RESIZE_REFUSED: Final = "tangram.action.resize_refused"
 
 # --- Tangram attributes ----------------------------------------------------------------------
 ACTION_ID: Final = "tangram.action.id"
 ACTION_KIND: Final = "tangram.action.kind"
 ACTION_STATUS: Final = "tangram.action.status"
 ACTION_UNITS: Final = "tangram.action.units"
+ACTION_RESIZE_TARGET: Final = "tangram.action.resize_target"  # units a refused resize asked for
 ACTION_QUEUE_WAIT_S: Final = "tangram.action.queue_wait_s"
 TRAJECTORY_ID: Final = "tangram.trajectory.id"
 STEP_ID: Final = "tangram.step.id"
