@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,3 +177,34 @@ def test_an_older_steps_tool_call_runs_before_a_younger_ones_queued_earlier() ->
     assert all(r.status is ActionStatus.OK for r in results.values())
     assert results[1].submit_time > results[3].submit_time
     assert results[1].start_time < results[3].start_time
+
+
+def test_a_code_reward_spreads_its_tests_over_idle_sandbox_workers(span_exporter: Any) -> None:
+    """``rewards.code_test_units`` makes each code-tests reward elastic: on an idle pool of 4
+    real sandbox workers, one reward's 8 tests run on all 4, and the reward is the same."""
+    from r1_train.config import RewardsConfig
+    from r1_train.rewards import score_one
+    from tangram_core import semconv as sc
+    from tangram_core.orchestrator import Orchestrator
+    from tangram_sandbox.config import PoolConfig
+    from tangram_sandbox.isolation import capabilities
+    from tangram_sandbox.manager import SandboxManager
+
+    if not capabilities().available("mount_ns"):
+        pytest.skip("no mount namespace on this host: the sandbox cannot run")
+    tests = tuple({"stdin": str(i), "expected_stdout": str(i * i)} for i in range(8))
+    task = Task(id="square", prompt="Square the input.", tests=tests)
+    code = "```python\nn = int(input())\nprint(n * n if n != 7 else 0)\n```"
+
+    async def go(units: int) -> tuple[float | None, list[int]]:
+        span_exporter.clear()
+        manager = SandboxManager(PoolConfig(min_workers=4, max_workers=4))
+        traj = Trajectory(task, 0, 0, [1], texts=[code])
+        async with Orchestrator([manager]) as orch:
+            cfg = RewardsConfig(weights={"code": 1.0}, code_test_units=units)
+            await score_one(orch, traj, cfg, step=0)
+        spans = [s for s in span_exporter.get_finished_spans() if s.name == sc.SPAN_ACTION]
+        return traj.reward, [s.attributes[sc.ACTION_UNITS] for s in spans]
+
+    assert asyncio.run(go(1)) == (7 / 8, [1])
+    assert asyncio.run(go(4)) == (7 / 8, [4])

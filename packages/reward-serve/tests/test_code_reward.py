@@ -43,6 +43,16 @@ def test_no_code_means_no_action() -> None:
     assert action.payload["tests"] == TESTS
 
 
+def test_max_units_makes_the_tests_action_elastic_up_to_the_number_of_tests() -> None:
+    req = CodeRewardRequest(response="```python\nprint(1)\n```", tests=TESTS)
+    assert code_action(req).elasticity.max_units == 1
+    wide = code_action(req, max_units=8)
+    assert wide is not None
+    assert (wide.elasticity.min_units, wide.elasticity.max_units) == (1, len(TESTS))
+    with pytest.raises(ValueError, match="max_units=0"):
+        code_action(req, max_units=0)
+
+
 def result(status: ActionStatus, output: Any = None, **kw: Any) -> ActionResult:
     return ActionResult(
         action_id="a", kind="sandbox.run_tests", status=status, output=output,

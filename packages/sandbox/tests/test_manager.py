@@ -9,9 +9,11 @@ import pytest
 
 from tangram_core import semconv
 from tangram_core.actions import Action, ActionStatus
+from tangram_core.elasticity import Amdahl, Elasticity
 from tangram_core.orchestrator import Orchestrator
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.manager import SandboxManager
+from tangram_sandbox.pool import SandboxPool
 
 pytestmark = pytest.mark.usefixtures("can_sandbox")
 
@@ -70,3 +72,59 @@ def test_capacity_follows_the_pool() -> None:
     assert before == {"cpu": 1.0}
     assert after == {"cpu": 2.0}
     assert limits == {"cpu": 3.0}
+
+
+def test_an_elastic_run_tests_action_spreads_its_tests_over_its_units(span_exporter: Any) -> None:
+    """Started on 4 units, a batch of 8 tests runs as 4 contiguous shares, each in its own
+    sandbox (told apart by a token file in its private working directory), and comes back as
+    one result in test order."""
+    code = (
+        "import os, sys\n"
+        "if not os.path.exists('token'):\n"
+        "    open('token', 'w').write(os.urandom(8).hex())\n"
+        "sys.stderr.write(open('token').read())\n"
+        "print(int(input()) * 2)\n"
+    )
+    tests = [{"stdin": str(i), "expected_stdout": str(2 * i)} for i in range(8)]
+    tests[5]["expected_stdout"] = "wrong"
+
+    def action(stop: bool) -> Action:
+        return Action(
+            kind="sandbox.run_tests",
+            demand={"cpu": 1},
+            elasticity=Elasticity(max_units=4, speedup=Amdahl(parallel_fraction=1.0)),
+            estimated_duration_s=8.0,
+            payload={"code": code, "tests": tests, "stop_on_first_failure": stop},
+        )
+
+    async def go() -> list[Any]:
+        manager = SandboxManager(PoolConfig(min_workers=4, max_workers=4))
+        async with Orchestrator([manager]) as orch:
+            return [await orch.submit(action(False)), await orch.submit(action(True))]
+
+    spread, stopped = asyncio.run(go())
+    assert spread.status is ActionStatus.OK
+    assert spread.units == 4
+    out = spread.output
+    assert [v["index"] for v in out["verdicts"]] == list(range(8))
+    assert [v["passed"] for v in out["verdicts"]] == [i != 5 for i in range(8)]
+    assert (out["passed"], out["total"]) == (7, 8)
+    tokens = [v["stderr"] for v in out["verdicts"]]
+    assert len(set(tokens)) == 4
+    assert tokens[0::2] == tokens[1::2]  # shares of two contiguous tests
+    # Early stop holds across shares: nothing after the first failing test is reported.
+    assert [v["index"] for v in stopped.output["verdicts"]] == list(range(6))
+    assert (stopped.output["passed"], stopped.output["total"]) == (5, 8)
+    spans = [s for s in span_exporter.get_finished_spans() if s.name == "tangram.sandbox.run_tests"]
+    assert [s.attributes[semconv.SANDBOX_WORKERS] for s in spans] == [4, 4]
+
+
+def test_run_tests_refuses_zero_workers() -> None:
+    async def go() -> None:
+        async with SandboxPool(PoolConfig(min_workers=1, max_workers=1)) as pool:
+            with pytest.raises(ValueError, match="at least one worker"):
+                await pool.run_tests(
+                    code="print(1)", tests=[{"stdin": "", "expected_stdout": "1"}], workers=0
+                )
+
+    asyncio.run(go())

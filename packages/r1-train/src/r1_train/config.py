@@ -150,6 +150,12 @@ class RewardsConfig(_Strict):
         description="Reward components and weights.",
     )
     rule_replicas: int = Field(1, ge=1)
+    code_test_units: int = Field(
+        1,
+        ge=1,
+        description="'code': most sandbox workers one reward's tests may be spread over; the "
+        "scheduler gives the extra ones only when they are idle.",
+    )
     rm_path: Path | None = Field(None, description="'rm': a sequence-classification checkpoint.")
 
     @model_validator(mode="after")

@@ -63,7 +63,7 @@ async def _rules(
     return {k: float(v) for k, v in out["scores"].items()}
 
 
-async def _code(orch: Submitter, traj: Trajectory, step: int) -> float:
+async def _code(orch: Submitter, traj: Trajectory, step: int, max_units: int) -> float:
     from tangram_reward.rules.code_reward import (
         CodeRewardRequest,
         CodeRewardUnavailable,
@@ -73,7 +73,12 @@ async def _code(orch: Submitter, traj: Trajectory, step: int) -> float:
     req = CodeRewardRequest(response=traj.response or " ", tests=list(traj.task.tests))
     try:
         score = await code_reward(
-            orch, req, trajectory_id=traj.id, step_id=step, priority=step_priority(step)
+            orch,
+            req,
+            trajectory_id=traj.id,
+            step_id=step,
+            priority=step_priority(step),
+            max_units=max_units,
         )
     except CodeRewardUnavailable as exc:
         raise RewardFailed(f"code tests: {exc}") from None
@@ -107,7 +112,7 @@ async def score_one(orch: Submitter, traj: Trajectory, cfg: RewardsConfig, step:
         if wanted:
             calls.append(_rules(orch, traj, wanted, step))
         if "code" in cfg.weights:
-            calls.append(_as_part("code", _code(orch, traj, step)))
+            calls.append(_as_part("code", _code(orch, traj, step, cfg.code_test_units)))
         if "rm" in cfg.weights:
             calls.append(_as_part("rm", _rm(orch, traj, step)))
         try:

@@ -2,7 +2,9 @@
 
 One worker is one unit of ``cpu``: an action of kind ``sandbox.run`` or ``sandbox.run_tests``
 demands one unit and its payload is a :class:`~tangram_sandbox.models.RunRequest` or
-:class:`~tangram_sandbox.models.RunTestsRequest`. The orchestrator schedules it per action
+:class:`~tangram_sandbox.models.RunTestsRequest`. A ``run_tests`` action may be elastic
+(``Elasticity(max_units=...)``): started on ``u`` units, its tests are spread over ``u``
+workers. The orchestrator schedules it per action
 and scales the pool through :meth:`scale_to`.
 
 Failure mapping, which the orchestrator's retry policy rests on: a ``sandbox_error`` result
@@ -85,8 +87,10 @@ class SandboxManager(ResourceManager):
             raise ActionError(
                 "InvalidPayload", f"action {action.id!r} ({action.kind}): {problems}"
             ) from None
+        # A run_tests action started on several units spreads its tests over that many workers:
+        # the scheduler counted them as taken, so they are idle for it.
         call: Coroutine[Any, Any, RunResult | RunTestsResult] = (
-            self.pool.run_tests(request)
+            self.pool.run_tests(request, workers=units)
             if isinstance(request, RunTestsRequest)
             else self.pool.run(request)
         )

@@ -92,6 +92,7 @@ SANDBOX_QUEUE_WAIT_S: Final = "tangram.sandbox.queue_wait_s"
 SANDBOX_WALL_S: Final = "tangram.sandbox.wall_s"
 SANDBOX_CPU_S: Final = "tangram.sandbox.cpu_s"
 SANDBOX_TESTS: Final = "tangram.sandbox.tests"
+SANDBOX_WORKERS: Final = "tangram.sandbox.workers"  # workers a test batch was spread over
 SANDBOX_PASS_FRACTION: Final = "tangram.sandbox.pass_fraction"
 SANDBOX_WORKER_PID: Final = "tangram.sandbox.worker.pid"
 
