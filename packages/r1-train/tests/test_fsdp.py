@@ -22,13 +22,14 @@ WORKER = """
 import json, sys, torch
 from pathlib import Path
 sys.path.insert(0, {here!r})
-from test_fsdp import fixed_batch, make_policy
+from test_fsdp import fixed_batch, make_policy, smooth_adam
 from r1_train.policy import Batch
 from r1_train.distributed import full_state_dict, init_data_parallel, shard_policy
 
 rank = init_data_parallel()
 policy = make_policy(Path({model!r}))
 shard_policy(policy)
+smooth_adam(policy)
 batch = fixed_batch()
 mine = rank.share(batch.input_ids.shape[0])
 part = Batch(batch.input_ids[mine], batch.attention_mask[mine], batch.completion_ids[mine],
@@ -43,7 +44,7 @@ if rank.rank == 0:
 
 
 def make_policy(model: Path) -> Policy:
-    optim = OptimConfig(lr=1e-3, micro_batch_size=2, grad_clip=1e9)
+    optim = OptimConfig(lr=0.1, micro_batch_size=2, grad_clip=1e9)  # big: see smooth_adam
     return Policy(
         ModelConfig(path=model, dtype="float32"),
         optim,
@@ -51,6 +52,17 @@ def make_policy(model: Path) -> Policy:
         total_steps=1,
         temperature=1.0,
     )
+
+
+def smooth_adam(policy: Policy) -> None:
+    """Give AdamW an eps of 1 so that its first step is smooth in the gradient.
+
+    With the default eps, the first step is about ``lr * sign(g)``: a gradient that is nearly 0
+    takes a sign from float rounding, which differs between a sharded all-reduce and one
+    process summing the whole batch, and that rounding then moves a weight by a full ``lr``.
+    With eps 1 the step is ``lr * g / (|g| + 1)``, so the comparison checks the gradients."""
+    for group in policy.optimizer.param_groups:
+        group["eps"] = 1.0
 
 
 def fixed_batch() -> Batch:
@@ -81,6 +93,7 @@ def test_fsdp_step_equals_the_single_process_step(tiny_model_dir: Path, tmp_path
     assert run.returncode == 0, run.stderr[-4000:]
 
     single = make_policy(tiny_model_dir)
+    smooth_adam(single)
     batch = fixed_batch()
     stats = single.update(batch, 8)
     sharded = torch.load(out)
