@@ -230,6 +230,22 @@ def run_workload(name: str, w: CodeAgentWorkload) -> dict:
     return {"workload": w.model_dump(), "grid": rows, "saving": saving}
 
 
+def best_row(per_workload: dict, key: str) -> dict:
+    """The grid row where ``key`` is best, over every workload: the paper's figures are "up
+    to" figures, so this is the like-for-like comparison; the headline keys stay at the setting
+    most favourable to static."""
+    name, row = max(
+        ((name, row) for name, wl in per_workload.items() for row in wl["grid"]),
+        key=lambda item: item[1][key],
+    )
+    return {
+        "value": row[key],
+        "workload": name,
+        "sandbox_cores": row["sandbox_cores"],
+        "sandboxes_per_trajectory": row["sandboxes_per_trajectory"],
+    }
+
+
 # (cores per sandbox, sandboxes per concurrent trajectory) for the static baseline.
 GRID = [(1.0, 1.0), (2.0, 1.0), (1.0, 0.5), (2.0, 0.5), (2.0, 0.25)]
 
@@ -259,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     head = per_workload["paper_like"]["grid"][0]
     saving = per_workload["paper_like"]["saving"]
 
-    speed = decisions_per_second(iterations=5_000 if quick else 50_000)
+    # Median of three runs: one run on a shared 2-core machine can lose 20% to a neighbour.
+    runs = sorted(
+        (decisions_per_second(iterations=5_000 if quick else 50_000) for _ in range(3)),
+        key=lambda r: r["decisions_per_s"],
+    )
+    speed = {**runs[1], "runs_decisions_per_s": [r["decisions_per_s"] for r in runs]}
     print(f"\nscheduler: {speed['decisions_per_s']:,.0f} decisions/s, {speed['queued']:,} queued")
     cluster = cluster_scale(50_000 if quick else 1_000_000)
     print(
@@ -267,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{cluster['gpus']} GPUs in {cluster['total_seconds']:.1f}s "
         f"({cluster['us_per_action']:.1f} us/action), util {cluster['utilisation']}"
     )
+    up_to = {
+        key: best_row(per_workload, key)
+        for key in ("act_ratio_vs_static", "step_speedup_vs_static")
+    }
+    for key, best in up_to.items():
+        print(
+            f"up to (best setting, as the paper reports): {key} x{best['value']:.2f} "
+            f"({best['workload']}, {best['sandbox_cores']:g}-core sandboxes, "
+            f"{best['sandboxes_per_trajectory']:g} per trajectory)"
+        )
     result = {
         "benchmark": "tangram_sim",
         "quick": quick,
@@ -285,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "decisions_per_s": 50_000,
             "sim_1m_actions_seconds": 60,
         },
+        "up_to": up_to,
         "workloads": per_workload,
         "scheduler_speed": speed,
         "cluster": cluster,
