@@ -6,12 +6,15 @@ import json
 
 import pytest
 
+from tangram_core.autoscaling import AutoscalingConfig
 from tangram_core.baselines import StaticLeaseScheduler, isolated_per_kind
 from tangram_core.elastic_scheduler import ElasticConfig, ElasticScheduler
 from tangram_core.scheduler import EMPTY_PLAN, ActionSpec
 from tangram_core.sim import (
     CodeAgentWorkload,
+    PoolScaling,
     SimAction,
+    SimAutoscaling,
     Simulator,
     TraceRecord,
     TrajectoryPlan,
@@ -157,3 +160,39 @@ def test_summarize_quantiles():
     s = summarize([float(i) for i in range(1, 101)])
     assert (s["n"], s["mean"], s["p50"], s["p99"]) == (100, 50.5, 51.0, 100.0)
     assert summarize([])["n"] == 0
+
+
+def test_autoscaled_pool_warms_up_for_a_burst_then_shrinks_damped_and_is_paid_for():
+    """The runtime's policy on the virtual clock, checked by hand. Ten 4 s actions at t=0 on a
+    1-unit pool: the policy asks for 9 more, ready at t=2 (warm-up), so one action ends at 4 and
+    nine at 6. Then the pool shrinks by half every 10 s (10, 5, 3, 2, 1) from t=14, after the
+    10 s delay counted from t=4, down to min_units. A lone action at t=100 runs on the last unit.
+    Paid: 10 units from 0 to 14 (warming ones included), 5 to 24, 3 to 34, 2 to 44, then 1."""
+    trace = [(0.0, act(f"a{i}", 4.0)) for i in range(10)] + [(100.0, act("late", 1.0))]
+    scaling = SimAutoscaling(
+        pools={
+            "cpu": PoolScaling(
+                config=AutoscalingConfig(
+                    min_units=1,
+                    max_units=10,
+                    target_utilisation=1.0,
+                    downscale_delay_s=10.0,
+                    downscale_step=0.5,
+                ),
+                warmup_s=2.0,
+            )
+        },
+        period_s=1.0,
+    )
+    r = Simulator(elastic(1), autoscaling=scaling).run_trace(trace)
+    assert sorted(r.acts()) == [1.0, 4.0] + [6.0] * 9
+    assert r.makespan == 101.0
+    assert r.provisioned == {"cpu": pytest.approx(10 * 14 + 5 * 10 + 3 * 10 + 2 * 10 + 57)}
+    assert r.resource_seconds() == r.provisioned
+    assert r.utilisation()["cpu"] == pytest.approx((4 + 9 * 4 + 1) / 297)
+
+
+def test_autoscaling_an_unknown_resource_is_refused():
+    scaling = SimAutoscaling(pools={"gpu": PoolScaling(config=AutoscalingConfig(max_units=2))})
+    with pytest.raises(ValueError, match=r"autoscaled resources \['gpu'\] are not in"):
+        Simulator(elastic(1), autoscaling=scaling).run_trace([(0.0, act("a", 1.0))])

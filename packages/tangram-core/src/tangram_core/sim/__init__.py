@@ -1,6 +1,7 @@
 """Cluster-scale discrete-event simulation: action scheduling (:mod:`.engine`) and whole RL
 training loops, synchronous or asynchronous (:mod:`.rl_loop`)."""
 
+from tangram_core.sim.autoscale import PoolScaling, SimAutoscaling
 from tangram_core.sim.engine import (
     ActionRunner,
     SimAction,
@@ -26,10 +27,12 @@ __all__ = [
     "ActionRunner",
     "CodeAgentWorkload",
     "DecodeModel",
+    "PoolScaling",
     "RLLoopConfig",
     "RLLoopResult",
     "RolloutWorkload",
     "SimAction",
+    "SimAutoscaling",
     "SimResult",
     "Simulator",
     "TraceRecord",

@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tangram_core.scheduler import ActionSpec, Scheduler
+from tangram_core.sim.autoscale import PoolTracker, SimAutoscaling
 
 _ARRIVE = 0  # an open-loop action arrives
 _TURN = 1  # a trajectory finished generating: issue its turn's actions (or finish)
 _FINISH = 2  # an action finished (if its version is still current)
+_SCALE = 3  # autoscaling: size the pools
+_READY = 4  # autoscaling: units asked for warmup_s ago are usable
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class SimResult:
     busy_unit_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     schedule_calls: int = 0
+    # Unit-seconds paid per autoscaled resource (ready or warming); empty without autoscaling.
+    provisioned: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_actions(self) -> int:
@@ -81,8 +86,10 @@ class SimResult:
         ]
 
     def resource_seconds(self) -> dict[str, float]:
-        """What was provisioned: capacity held for the whole run (the cost that static pays)."""
-        return {r: c * self.makespan for r, c in self.capacity.items()}
+        """What was provisioned: capacity held for the whole run (the cost that static pays),
+        or, for an autoscaled resource, the unit-seconds its pool actually held."""
+        fixed = {r: c * self.makespan for r, c in self.capacity.items()}
+        return {**fixed, **self.provisioned}
 
     def utilisation(self) -> dict[str, float]:
         prov = self.resource_seconds()
@@ -176,10 +183,12 @@ class Simulator:
         *,
         name: str = "sim",
         on_progress: Callable[[int], None] | None = None,
+        autoscaling: SimAutoscaling | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.name = name
         self._on_progress = on_progress
+        self.autoscaling = autoscaling
 
     def run_steps(self, steps: Sequence[Sequence[TrajectoryPlan]]) -> SimResult:
         """Synchronous RL: the trajectories of step k+1 start when all of step k are done."""
@@ -206,6 +215,10 @@ class Simulator:
         def push_finish(t: float, action_id: str, version: int) -> None:
             heapq.heappush(heap, (t, next(counter), _FINISH, action_id, version))
 
+        pools = None
+        if self.autoscaling is not None:
+            pools = PoolTracker(self.autoscaling, sched, 0.0)
+            heapq.heappush(heap, (0.0, next(counter), _SCALE, None, 0))
         runner = ActionRunner(sched, res, push_finish)
         owner: dict[str, int] = {}  # action id -> trajectory slot
         traj_turn: list[int] = []
@@ -232,10 +245,24 @@ class Simulator:
         if steps:
             start_step(0.0)
         done = 0
+        last_work = 0.0  # time of the last event that was not a sizing decision
         while heap:
             now = heap[0][0]
             while heap and heap[0][0] == now:
                 _, _, kind, a, version = heapq.heappop(heap)
+                if kind >= _SCALE:
+                    assert pools is not None  # only an autoscaled run has these events
+                    if kind == _READY:
+                        pools.arrive(a[0], a[1], now)
+                        continue
+                    if not (heap or runner.waiting or runner.running):
+                        continue  # the run is over: stop deciding (and paying)
+                    for t, resource, units in pools.decide(now):
+                        heapq.heappush(heap, (t, next(counter), _READY, (resource, units), 0))
+                    t = now + pools.spec.period_s
+                    heapq.heappush(heap, (t, next(counter), _SCALE, None, 0))
+                    continue
+                last_work = now
                 if kind == _FINISH:
                     if not runner.finish(a, version, now):
                         continue  # re-timed by a resize; a newer event exists
@@ -282,7 +309,10 @@ class Simulator:
                 f"simulation ended with {len(runner.waiting)} actions never started and "
                 f"{len(runner.running)} never finished: the scheduler lost them"
             )
-        res.makespan = now
+        res.makespan = last_work if pools is not None else now
+        if pools is not None:
+            pools.account(res.makespan)
+            res.provisioned = dict(pools.provisioned)
         res.busy_unit_seconds = runner.busy
         res.wall_seconds = time.perf_counter() - t_wall
         res.schedule_calls = getattr(getattr(sched, "stats", None), "schedule_calls", 0)
