@@ -171,6 +171,7 @@ class ElasticScheduler(Scheduler):
         # beat it. One heap per shape lets a shape whose resources are exhausted be skipped whole.
         self._growable: dict[tuple[tuple[str, float], ...], list[tuple[float, int, str, int]]] = {}
         self._seq = itertools.count()
+        self._no_growth = True  # no growable entry exists: `_expand` has nothing to look at
         self._dirty = True
         self.set_capacity(capacity, limits)
 
@@ -331,7 +332,11 @@ class ElasticScheduler(Scheduler):
         )
 
     def _has_free(self) -> bool:
-        return any(self._cap[r] - self._used.get(r, 0.0) > _EPS for r in self._cap)
+        used = self._used
+        for r, c in self._cap.items():  # noqa: SIM110 - hot path, see _fits
+            if c - used.get(r, 0.0) > _EPS:
+                return True
+        return False
 
     def _fits(self, demand: tuple[tuple[str, float], ...], units: int) -> bool:
         cap, used = self._cap, self._used
@@ -561,50 +566,67 @@ class ElasticScheduler(Scheduler):
             if gain >= self.config.min_gain_s:
                 heap = self._growable.setdefault(run.spec.demand, [])
                 heapq.heappush(heap, (-gain, next(self._seq), run.spec.id, run.units))
+                self._no_growth = False
 
     def _expand(self, now: float, rnd: _Round) -> None:
+        if self._no_growth:
+            return  # no candidate is left, and none has been added since
         grow_running = self.config.resize_running
         min_gain = self.config.min_gain_s
+        cap, used, running, seq = self._expand_cap, self._used, self._running, self._seq
+        shut = rnd.blocked | rnd.closed
+
+        def room(demand: tuple[tuple[str, float], ...]) -> bool:
+            for r, d in demand:  # noqa: SIM110 - hot path, see _fits
+                if used.get(r, 0.0) + d > cap.get(r, 0.0) + _EPS:
+                    return False
+            return True
+
         heads: list[tuple[float, int, tuple[tuple[str, float], ...]]] = []
         for demand, heap in self._growable.items():
-            if (
-                heap
-                and self._fits_expansion(demand)
-                and not any(r in rnd.blocked or r in rnd.closed for r, _ in demand)
-            ):
-                heads.append((heap[0][0], next(self._seq), demand))
+            if heap and room(demand) and (not shut or shut.isdisjoint(_resources(demand))):
+                heads.append((heap[0][0], next(seq), demand))
         heapq.heapify(heads)
         while heads:
             _, _, demand = heapq.heappop(heads)
             heap = self._growable[demand]
-            if not heap or not self._fits_expansion(demand):
+            if not heap or not room(demand):
                 continue  # this shape's resources are used up
-            entry = heapq.heappop(heap)
-            run = self._running.get(entry[2])
-            if run is not None and run.units == entry[3] and not run.fixed:
-                if not grow_running and entry[2] not in rnd.starts:
+            _, _, run_id, entry_units = heapq.heappop(heap)
+            run = running.get(run_id)
+            if run is not None and run.units == entry_units and not run.fixed:
+                if not grow_running and run_id not in rnd.starts:
                     pass  # started in an earlier round; its units are fixed: drop the entry
                 else:
-                    gain = self._gain(run, now)
+                    spec = run.spec
+                    i = entry_units - spec.min_units
+                    # remaining_t1, inlined: this loop is most of a busy simulation's time
+                    done = run.t1_done + (now - run.seg_start) / run.fu
+                    rem = run.est_t1 - done
+                    if rem < 0.05 * run.est_t1:
+                        rem = 0.05 * run.est_t1
+                    gain = rem * (run.fu - spec.factors[i + 1])
                     best_other = -heads[0][0] if heads else 0.0
-                    if gain < min_gain or math.isnan(gain):
+                    if gain < min_gain or gain != gain:  # NaN: drop as well
                         pass  # gains only fall with time at fixed units: drop for good
                     elif (heap and gain < -heap[0][0]) or gain < best_other:
-                        heapq.heappush(heap, (-gain, next(self._seq), entry[2], entry[3]))
+                        heapq.heappush(heap, (-gain, next(seq), run_id, entry_units))
                     else:
                         # Marginal gains fall with units, so keep adding to this action while
                         # its next unit still beats every other candidate: one heap push total.
                         bar = max(best_other, -heap[0][0] if heap else 0.0, min_gain)
-                        spec, units = run.spec, run.units
-                        rem = run.remaining_t1(now)  # fixed within this instant
+                        units = entry_units
                         while True:
                             self._take(spec, 1)
                             units += 1
-                            if units >= spec.max_units or not self._fits_expansion(spec.demand):
+                            if units >= spec.max_units or not room(spec.demand):
                                 break
                             i = units - spec.min_units
                             if rem * (spec.factors[i] - spec.factors[i + 1]) < bar:
                                 break
                         self._set_units(run, units, now, rnd)
             if heap:
-                heapq.heappush(heads, (heap[0][0], next(self._seq), demand))
+                heapq.heappush(heads, (heap[0][0], next(seq), demand))
+        # Gains only fall while units stay fixed, so with every heap empty nothing can grow
+        # until `_push_growable` adds a candidate: later rounds skip this walk entirely.
+        self._no_growth = not any(self._growable.values())
