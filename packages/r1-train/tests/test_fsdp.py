@@ -24,7 +24,9 @@ from pathlib import Path
 sys.path.insert(0, {here!r})
 from test_fsdp import fixed_batch, make_policy, smooth_adam
 from r1_train.policy import Batch
-from r1_train.distributed import full_state_dict, init_data_parallel, shard_policy
+from r1_train.distributed import (
+    close_data_parallel, full_state_dict, init_data_parallel, shard_policy,
+)
 
 rank = init_data_parallel()
 policy = make_policy(Path({model!r}))
@@ -40,6 +42,7 @@ state = full_state_dict(policy.model)
 if rank.rank == 0:
     torch.save(state, {out!r})
     Path({out!r} + ".json").write_text(json.dumps(stats))
+close_data_parallel()
 """
 
 

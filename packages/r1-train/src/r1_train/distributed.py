@@ -8,6 +8,8 @@ the all-reduce's averaging, so a data-parallel step equals the single-process st
 batch (the test checks this on CPU with gloo, two processes).
 
     torchrun --nproc_per_node 8 my_train.py      # NCCL on GPUs; gloo on CPU
+
+A rank ends with :func:`close_data_parallel`, so that no rank leaves while another still works.
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def init_data_parallel() -> Rank:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Rank(dist.get_rank(), dist.get_world_size())
+
+
+def close_data_parallel() -> None:
+    """Leave the process group together: a barrier, then ``destroy_process_group``.
+
+    Why: a rank that reaches interpreter exit with the group still open can abort in the
+    backend's threads (gloo: "terminate called without an active exception", SIGABRT), and
+    torchrun then kills the ranks still working, say rank 0 writing the checkpoint. Call it
+    once at the end of every rank's work."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_policy(policy: Any) -> None:
