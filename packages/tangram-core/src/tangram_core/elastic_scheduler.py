@@ -327,8 +327,8 @@ class ElasticScheduler(Scheduler):
         self.stats.started += len(rnd.starts)
         self.stats.resizes += len(rnd.resizes)
         return Plan(
-            starts=tuple(Start(a, u) for a, u in rnd.starts.items()),
-            resizes=tuple(Resize(a, u) for a, u in rnd.resizes.items()),
+            starts=tuple(itertools.starmap(Start, rnd.starts.items())),
+            resizes=tuple(itertools.starmap(Resize, rnd.resizes.items())),
         )
 
     def _has_free(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tangram_core.actions import Action
 
@@ -66,14 +67,17 @@ class ActionSpec:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class Start(NamedTuple):
+    """Start a queued action on ``units`` units.
+
+    A named tuple, not a frozen dataclass: a busy simulation builds a million of these, and a
+    frozen dataclass's ``__init__`` costs several times a tuple's."""
+
     action_id: str
     units: int
 
 
-@dataclass(frozen=True, slots=True)
-class Resize:
+class Resize(NamedTuple):
     """Change a running elastic action's units (up: spare capacity; down: reclaim for the queue)."""
 
     action_id: str
