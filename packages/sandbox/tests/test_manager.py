@@ -128,3 +128,54 @@ def test_run_tests_refuses_zero_workers() -> None:
                 )
 
     asyncio.run(go())
+
+
+def test_a_spread_run_tests_whose_share_fails_withdraws_the_others() -> None:
+    """Both workers busy and room for one waiter: the first share queues, the second gets
+    QueueFull. The caller sees QueueFull, and the first share leaves the queue with it instead
+    of running later for a result nobody reads."""
+    from tangram_sandbox.pool import QueueFull
+
+    async def go() -> tuple[int, int]:
+        config = PoolConfig(min_workers=2, max_workers=2, max_queue=1)
+        async with SandboxPool(config) as pool:
+            blockers = [
+                asyncio.ensure_future(pool.run(code="import time; time.sleep(1.5)"))
+                for _ in range(2)
+            ]
+            for _ in range(200):
+                if pool.busy == 2:
+                    break
+                await asyncio.sleep(0.02)
+            tests = [{"stdin": "", "expected_stdout": "1"} for _ in range(2)]
+            with pytest.raises(QueueFull):
+                await pool.run_tests(code="print(1)", tests=tests, workers=2)
+            queued_after = pool.queued
+            await asyncio.gather(*blockers)
+            return queued_after, pool.busy
+
+    assert asyncio.run(go()) == (0, 0)
+
+
+def test_a_cancelled_waiter_frees_its_place_in_the_bounded_queue() -> None:
+    """One worker busy, room for one waiter: a request that waits and is cancelled must not
+    keep the place, or the next request gets QueueFull while nothing waits."""
+
+    async def go() -> tuple[int, str]:
+        async with SandboxPool(PoolConfig(min_workers=1, max_workers=1, max_queue=1)) as pool:
+            blocker = asyncio.ensure_future(pool.run(code="import time; time.sleep(1.0)"))
+            for _ in range(200):
+                if pool.busy == 1:
+                    break
+                await asyncio.sleep(0.02)
+            waiter = asyncio.ensure_future(pool.run(code="print('never')"))
+            await asyncio.sleep(0.1)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            queued = pool.queued
+            after = await pool.run(code="print('queued fine')")  # no QueueFull
+            await blocker
+            return queued, after.stdout
+
+    assert asyncio.run(go()) == (0, "queued fine\n")

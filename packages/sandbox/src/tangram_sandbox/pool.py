@@ -300,6 +300,11 @@ class SandboxPool:
             except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled():
                     self._release(fut.result())
+                else:
+                    # Leave the queue now: a cancelled waiter left there counted against
+                    # max_queue, so abandoned requests could turn new ones away (QueueFull).
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(fut)
                 raise
         try:
             yield worker
@@ -385,14 +390,23 @@ class SandboxPool:
         """Run contiguous shares of the tests on ``shares`` workers at once and merge them."""
         total = len(req.tests)
         bounds = [total * i // shares for i in range(shares + 1)]
-        parts = await asyncio.gather(
-            *(
+        tasks = [
+            asyncio.ensure_future(
                 self._run_tests(
                     req.model_copy(update={"tests": req.tests[lo:hi]}), limits, submitted
                 )
-                for lo, hi in itertools.pairwise(bounds)
             )
-        )
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            # One share failed (a full queue, a closed pool) or the caller cancelled: stop the
+            # others too, so that no worker keeps running a share whose result is dropped.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         wall = max(p.wall_s for p in parts)
         wait = max(p.queue_wait_s for p in parts)
         for part in parts:
