@@ -10,39 +10,26 @@ hinge on float rounding. Weights are seeded: deterministic, not useful.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tiny_llama import SEED, build_tokenizer
+from tiny_llama import SEED, build_tokenizer, save_causal_lm, tiny_fields
 
 QK_INIT_SCALE = 10.0
 
 
 def tiny_hysparse_config(tokenizer: object, **overrides: object) -> object:
+    """The tiny Llama shape with six layers and the HySparse fields described above."""
     from hysparse_vllm.config import HySparseConfig
 
-    tok = tokenizer
     fields: dict[str, object] = {
-        "vocab_size": len(tok),  # type: ignore[arg-type]
-        "hidden_size": 128,
-        "intermediate_size": 256,
+        **tiny_fields(tokenizer),
         "num_hidden_layers": 6,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
         "full_attention_layers": [0, 3],
         "block_size": 32,
         "topk_blocks": 3,
         "sink_blocks": 1,
         "swa_window": 48,
         "score_agg": "sum",
-        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),  # type: ignore[attr-defined]
-        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),  # type: ignore[attr-defined]
-        "pad_token_id": tok.convert_tokens_to_ids("<pad>"),  # type: ignore[attr-defined]
-        "dtype": "float32",
     }
     fields.update(overrides)
     return HySparseConfig(**fields)
@@ -51,7 +38,6 @@ def tiny_hysparse_config(tokenizer: object, **overrides: object) -> object:
 def build(out: Path) -> None:
     """Write tokenizer + seeded random HySparse weights (safetensors) into ``out``."""
     import torch
-    from transformers import GenerationConfig
 
     from hysparse_vllm.modeling import HySparseForCausalLM
 
@@ -67,14 +53,4 @@ def build(out: Path) -> None:
                     getattr(attn, name).weight.mul_(QK_INIT_SCALE)
             if hasattr(attn, "branch_gate"):
                 attn.branch_gate.weight.mul_(10.0)  # gates spread over (0, 1), not all ~0.5
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,  # type: ignore[attr-defined]
-        eos_token_id=config.eos_token_id,  # type: ignore[attr-defined]
-        pad_token_id=config.pad_token_id,  # type: ignore[attr-defined]
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
-    (out / "tangram-fixture.json").write_text(
-        json.dumps({"kind": "tiny-hysparse", "seed": SEED + 2}, indent=1)
-    )
+    save_causal_lm(model, tokenizer, out, {"kind": "tiny-hysparse", "seed": SEED + 2})

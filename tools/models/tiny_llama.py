@@ -129,12 +129,11 @@ def build_tokenizer() -> object:
     return fast
 
 
-def tiny_config(tokenizer: object, **overrides: object) -> object:
-    """The tiny Llama shape (head_dim 32, GQA 2:1), shared by the causal LM and the reward model."""
-    from transformers import LlamaConfig
-
+def tiny_fields(tokenizer: object) -> dict[str, object]:
+    """The tiny Llama shape (head_dim 32, GQA 2:1) and special tokens, as config fields: shared by
+    the causal LM, the reward model and the tiny HySparse model."""
     tok = tokenizer
-    fields: dict[str, object] = {
+    return {
         "vocab_size": len(tok),  # type: ignore[arg-type]
         "hidden_size": 128,
         "intermediate_size": 256,
@@ -150,28 +149,39 @@ def tiny_config(tokenizer: object, **overrides: object) -> object:
         "pad_token_id": tok.convert_tokens_to_ids("<pad>"),  # type: ignore[attr-defined]
         "dtype": "float32",
     }
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+
+
+def tiny_config(tokenizer: object, **overrides: object) -> object:
+    """The tiny Llama config: :func:`tiny_fields` with ``overrides``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**tiny_fields(tokenizer), **overrides})
+
+
+def save_causal_lm(model: object, tokenizer: object, out: Path, fixture: dict[str, object]) -> None:
+    """Save a causal LM fixture: generation config from its special tokens, safetensors
+    weights, the tokenizer, and ``tangram-fixture.json`` describing how it was built."""
+    from transformers import GenerationConfig
+
+    config = model.config  # type: ignore[attr-defined]
+    model.generation_config = GenerationConfig(  # type: ignore[attr-defined]
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    (out / "tangram-fixture.json").write_text(json.dumps(fixture, indent=1))
 
 
 def build(out: Path) -> None:
     """Write tokenizer + seeded random Llama weights (safetensors) into ``out``."""
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer)
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,  # type: ignore[attr-defined]
-        eos_token_id=config.eos_token_id,  # type: ignore[attr-defined]
-        pad_token_id=config.pad_token_id,  # type: ignore[attr-defined]
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    model = LlamaForCausalLM(tiny_config(tokenizer))
     vocab = len(tokenizer)  # type: ignore[arg-type]
-    (out / "tangram-fixture.json").write_text(
-        json.dumps({"kind": "tiny-llama", "seed": SEED, "vocab_size": vocab}, indent=1)
-    )
+    save_causal_lm(model, tokenizer, out, {"kind": "tiny-llama", "seed": SEED, "vocab_size": vocab})

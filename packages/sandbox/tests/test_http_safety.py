@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tangram_core.http_guard import GuardConfig, GuardStats, auth_headers
+from tangram_core.testing import hostile_json_bodies, nested_json
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.models import Limits
 from tangram_sandbox.pool import SandboxPool
@@ -406,57 +407,23 @@ BAD_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
 }
 
 
-def _nested(depth: int) -> str:
-    return "[" * depth + "]" * depth
-
-
 def hostile_bodies(path: str) -> st.SearchStrategy[bytes]:
     """Request bodies that must all be refused (4xx): malformed, mistyped or hostile."""
     valid = VALID[path]
-    fields = BAD_FIELDS[path]
-
-    def with_field(name_value: tuple[str, Any]) -> bytes:
-        name, value = name_value
-        return json.dumps({**valid, name: value}).encode()
-
-    wrong_field = (
-        st.sampled_from(sorted(fields))
-        .flatmap(lambda name: fields[name].map(lambda v: (name, v)))
-        .map(with_field)
-    )
-    unknown = st.text(min_size=1, max_size=12).filter(lambda k: k not in fields and k not in valid)
-    unknown_field = st.tuples(
-        unknown, st.one_of(st.none(), st.integers(), st.text(max_size=5))
-    ).map(with_field)
-    missing = st.just(
-        json.dumps({k: v for k, v in valid.items() if k not in ("code", "tests")}).encode()
-    )
-    huge_code = st.integers(API.max_code_chars + 1, 2 * MAX_BODY).map(
-        lambda n: json.dumps({**valid, "code": "x" * n}).encode()
-    )
-    deep = st.integers(50, 60_000).map(
-        lambda d: (json.dumps({**valid, "code": "@"})[:-1] + f', "stdin": {_nested(d)}}}').encode()
-    )
-    deep_top = st.integers(1000, 100_000).map(lambda d: _nested(d).encode())
-    invalid_utf8 = st.binary(min_size=1, max_size=20).map(
-        lambda junk: b'{"code": "\xff\xfe' + junk + b'"}'
-    )
-    not_json = st.binary(max_size=64).map(lambda b: b"\x80" + b)
-    not_object = st.one_of(
-        st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=4), st.none()
-    ).map(lambda v: json.dumps(v).encode())
-    return st.one_of(
-        wrong_field,
-        wrong_field,
-        wrong_field,
-        unknown_field,
-        missing,
-        huge_code,
-        deep,
-        deep_top,
-        invalid_utf8,
-        not_json,
-        not_object,
+    return hostile_json_bodies(
+        valid,
+        BAD_FIELDS[path],
+        missing={k: v for k, v in valid.items() if k not in ("code", "tests")},
+        huge=st.integers(API.max_code_chars + 1, 2 * MAX_BODY).map(
+            lambda n: json.dumps({**valid, "code": "x" * n}).encode()
+        ),
+        deep=st.integers(50, 60_000).map(
+            lambda d: (
+                json.dumps({**valid, "code": "@"})[:-1] + f', "stdin": {nested_json(d)}}}'
+            ).encode()
+        ),
+        utf8_field="code",
+        deep_top_max=100_000,
     )
 
 

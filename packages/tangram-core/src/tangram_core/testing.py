@@ -11,6 +11,7 @@ somebody else's test session.
 * ``span_exporter`` / ``metric_reader``: a real OpenTelemetry SDK pipeline that keeps spans and
   metrics in memory, so tests assert on what the code really emitted.
 * markers ``gpu`` (skipped cleanly without CUDA) and ``slow``.
+* :func:`hostile_json_bodies`: the hypothesis strategy every HTTP server's fuzz test draws from.
 
 Heavy imports (ray, torch) happen inside the fixtures that need them, never at import time.
 """
@@ -205,3 +206,67 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def nested_json(depth: int) -> str:
+    """``depth`` nested empty JSON arrays: a body that costs a naive parser its stack."""
+    return "[" * depth + "]" * depth
+
+
+def hostile_json_bodies(
+    valid: dict[str, Any],
+    bad_fields: dict[str, Any],
+    *,
+    missing: dict[str, Any],
+    huge: Any,
+    deep: Any,
+    utf8_field: str,
+    deep_top_max: int = 30_000,
+) -> Any:
+    """A hypothesis strategy of request bodies that a JSON endpoint must refuse with a 4xx.
+
+    Why shared: every server in the project promises the same thing, so its fuzz draws from the
+    same kinds of hostile body. What is the same for any schema is built here: a field of the
+    wrong type or value (from ``bad_fields``, a strategy per field, drawn three times as often),
+    an unknown field, invalid UTF-8 in ``utf8_field``, bytes that are not JSON, JSON that is not
+    an object, and arrays nested up to ``deep_top_max`` deep. What only the caller knows comes
+    in: ``missing`` (a body without a required field), and the ``huge`` and ``deep`` strategies
+    (the endpoint's own size limit, and a nested value inside a field it reads)."""
+    from hypothesis import strategies as st
+
+    def with_field(name_value: tuple[str, Any]) -> bytes:
+        name, value = name_value
+        return json.dumps({**valid, name: value}).encode()
+
+    wrong_field = (
+        st.sampled_from(sorted(bad_fields))
+        .flatmap(lambda name: bad_fields[name].map(lambda v: (name, v)))
+        .map(with_field)
+    )
+    unknown = st.text(min_size=1, max_size=12).filter(
+        lambda k: k not in bad_fields and k not in valid
+    )
+    unknown_field = st.tuples(
+        unknown, st.one_of(st.none(), st.integers(), st.text(max_size=5))
+    ).map(with_field)
+    deep_top = st.integers(1000, deep_top_max).map(lambda d: nested_json(d).encode())
+    invalid_utf8 = st.binary(min_size=1, max_size=20).map(
+        lambda junk: b'{"' + utf8_field.encode() + b'": "\xff\xfe' + junk + b'"}'
+    )
+    not_json = st.binary(max_size=64).map(lambda b: b"\x80" + b)
+    not_object = st.one_of(
+        st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=4), st.none()
+    ).map(lambda v: json.dumps(v).encode())
+    return st.one_of(
+        wrong_field,
+        wrong_field,
+        wrong_field,
+        unknown_field,
+        st.just(json.dumps(missing).encode()),
+        huge,
+        deep,
+        deep_top,
+        invalid_utf8,
+        not_json,
+        not_object,
+    )

@@ -68,7 +68,7 @@ class PoolTracker:
         self.states = {r: AutoscalingState() for r in spec.pools}
         self.provisioned = dict.fromkeys(spec.pools, 0.0)
         self._last = now
-        self._applied: dict[str, float] | None = None
+        self._limits_set = False  # the first apply sets the limits, whatever the capacity
         self._apply()
 
     def account(self, now: float) -> None:
@@ -119,9 +119,9 @@ class PoolTracker:
 
     def _apply(self) -> None:
         current = self.sched.capacity()
-        if self._applied is not None and all(current.get(r) == v for r, v in self.ready.items()):
+        if self._limits_set and all(current.get(r) == v for r, v in self.ready.items()):
             return  # nothing changed: keep the scheduler's caches
-        self._applied = dict(self.ready)
+        self._limits_set = True
         capacity: Mapping[str, float] = {**current, **self.ready}
         limits = {
             **self.sched.capacity(),
