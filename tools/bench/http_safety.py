@@ -7,7 +7,9 @@ Servers, each on loopback:
   a 600 file), in its own process, on a real pool;
 * **sandbox, baseline**: the same FastAPI app and pool without :class:`HttpGuard` (no token,
   no limits): what the server was before this work;
-* **reward-serve, ours**: the rule verifier on a real local Ray Serve with a token.
+* **reward-serve, ours**: ``tangram-reward serve`` as a user starts it (a token from a 600
+  file), in its own process: its HTTP gateway in front of a rule verifier on a real local Ray
+  Serve.
 
 Measured on each of ours:
 
@@ -428,39 +430,43 @@ def sandbox(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reward(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-    from ray import serve
-
-    from tangram_reward.serve_app import RewardDeploymentConfig, build_app
-
     tests = load_module(ROOT / "packages/reward-serve/tests/test_http_safety.py", "reward_tests")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANGRAM_API_TOKEN")}
     out: dict[str, Any] = {}
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-        # The queue sized for the load (Serve's default of 128 outlived a 15 s deadline when
-        # a loaded 2-core machine served ~20 requests/s): about throughput x deadline / 4.
-        cfg = RewardDeploymentConfig(
-            name="guarded",
-            kind="rules",
-            num_cpus=0.5,
-            max_queued_requests=args.reward_queue,
-            http={"max_body_bytes": tests.MAX_BODY, "client_rate": 1e6, "client_burst": 10**6},
-        )
-        serve.run(build_app(cfg, token=TOKEN), name="guarded", route_prefix="/guarded")
-        url = f"http://127.0.0.1:{port}/guarded"
-        print("reward-serve, ours (rule verifier on Ray Serve)")
-        seen = fuzz(url, tests.hostile_bodies("/guarded"), args.fuzz_examples, AUTH)
-        out["fuzz"] = {"/guarded": dict(sorted(seen.items()))}
-        print(f"  fuzz /guarded: {out['fuzz']['/guarded']}")
-        unauth = unauthenticated([("POST", url)], tests.GOOD)
-        out["unauthenticated"] = dict(unauth)
-        print(f"  unauthenticated: {dict(unauth)}")
-        out["ours"] = load_run(url, tests.GOOD, args)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = Path(tmp) / "token"
+        token_file.write_text(TOKEN)
+        token_file.chmod(0o600)
+        port = free_port()
+        # Defaults, except: the per-client rate, which the fuzz (one client) would exceed, the
+        # body limit the fuzz strategies were written against, and the Serve queue sized for
+        # the load (about throughput x deadline / 4: Serve's default of 128 outlived a 15 s
+        # deadline when a loaded 2-core machine served ~20 requests/s).
+        deployment = {
+            "name": "guarded",
+            "kind": "rules",
+            "num_cpus": 0.5,
+            "max_queued_requests": args.reward_queue,
+            "http": {"max_body_bytes": tests.MAX_BODY, "client_rate": 1e6, "client_burst": 10**6},
+        }
+        config = Path(tmp) / "rewards.yaml"
+        config.write_text(json.dumps({"http_port": port, "deployments": [deployment]}))
+        cli = [sys.executable, "-m", "tangram_reward.cli", "serve", str(config)]
+        proc = start([*cli, "--token-file", str(token_file)], env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(url, proc, timeout=300)
+            url += "/guarded"
+            print("reward-serve, ours (tangram-reward serve: the gateway and a rule verifier)")
+            seen = fuzz(url, tests.hostile_bodies("/guarded"), args.fuzz_examples, AUTH)
+            out["fuzz"] = {"/guarded": dict(sorted(seen.items()))}
+            print(f"  fuzz /guarded: {out['fuzz']['/guarded']}")
+            unauth = unauthenticated([("POST", url)], tests.GOOD)
+            out["unauthenticated"] = dict(unauth)
+            print(f"  unauthenticated: {dict(unauth)}")
+            out["ours"] = load_run(url, tests.GOOD, args)
+        finally:
+            stop(proc)
     return out
 
 

@@ -79,3 +79,17 @@ def test_serve_once_starts_and_reports_health(tmp_path):
     assert f"http://127.0.0.1:{port}/rules" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.startswith("rules"))
     assert row.split()[2] == "1"  # one replica running
+    assert 'gateway: 200 {"status": "ok", "deployments": ["rules"]}' in out.stdout
+
+
+def test_serve_names_a_taken_port_before_starting_ray(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "rewards.yaml"
+        path.write_text(f"http_port: {port}\ndeployments:\n  - {{name: rules, kind: rules}}\n")
+        out = cli("serve", str(path), timeout=60)
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr

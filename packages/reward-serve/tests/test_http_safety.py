@@ -1,6 +1,8 @@
-"""Reward-serve's HTTP ingress is safe by default, on a real local Ray Serve over loopback.
+"""Reward-serve's HTTP gateway is safe by default, on a real local Ray Serve over loopback.
 
-Deployments, each with the limits its tests need: ``guarded`` (a token, generous rates; 401,
+The gateway (:mod:`tangram_reward.gateway`) runs on uvicorn in this process and forwards to
+the deployments through Serve handles; Serve's own HTTP proxy is off. Deployments, each with
+the limits its tests need: ``guarded`` (a token, generous rates; 401,
 413, 422 and the fuzz), ``tight`` (one request per client at a time, one per second),
 ``bounded`` (a small Serve queue: 503 at once past it) and ``rm`` (a tiny scalar reward model;
 its fuzz and attribution). Per-client limits key on the peer address, so tests that need a
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from typing import Any
@@ -33,22 +34,15 @@ FAST = {"client_rate": 1e6, "client_burst": 1_000_000, "client_concurrency": 256
 FUZZ_EXAMPLES = 1000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def apps(ray_session: Any, tiny_rm_dir: Any) -> Any:
     from ray import serve
 
+    from tangram_reward.gateway import RewardGateway, run_in_thread
     from tangram_reward.serve_app import RewardDeploymentConfig, build_app
 
-    port = _free_port()
-    serve.shutdown()  # an earlier module's Serve would keep its own HTTP port
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    serve.shutdown()  # an earlier module's Serve would keep its own HTTP proxy
+    serve.start(proxy_location="Disabled")
     configs = [
         RewardDeploymentConfig(
             name="guarded",
@@ -85,10 +79,11 @@ def apps(ray_session: Any, tiny_rm_dir: Any) -> Any:
         ),
     ]
     handles = {
-        cfg.name: serve.run(build_app(cfg, token=TOKEN), name=cfg.name, route_prefix=f"/{cfg.name}")
-        for cfg in configs
+        cfg.name: serve.run(build_app(cfg), name=cfg.name, route_prefix=None) for cfg in configs
     }
-    yield f"http://127.0.0.1:{port}", handles
+    gateway = RewardGateway([(cfg, handles[cfg.name]) for cfg in configs], token=TOKEN)
+    with run_in_thread(gateway) as url:
+        yield url, handles, gateway
     serve.shutdown()
 
 
@@ -102,7 +97,7 @@ GOOD = {"response": "<think>x</think><answer>4</answer>", "reference": "4"}
 
 
 def test_missing_or_wrong_token_gets_401_and_no_work(apps: Any) -> None:
-    url, handles = apps
+    url, handles, _ = apps
     before = handles["guarded"].stats.remote().result()["batches"]
     for headers in (
         {},
@@ -120,7 +115,7 @@ def test_missing_or_wrong_token_gets_401_and_no_work(apps: Any) -> None:
 
 
 def test_oversized_body_gets_413(apps: Any) -> None:
-    url, _ = apps
+    url, _, _ = apps
     with client() as c:
         resp = c.post(url + "/guarded", json={**GOOD, "response": "x" * (MAX_BODY + 1)})
     assert resp.status_code == 413
@@ -128,7 +123,7 @@ def test_oversized_body_gets_413(apps: Any) -> None:
 
 
 def test_bad_payloads_get_422_naming_the_field_or_400(apps: Any) -> None:
-    url, _ = apps
+    url, _, _ = apps
     cases = [
         ("/guarded", {**GOOD, "colour": "red"}, "colour", "Extra inputs are not permitted"),
         ("/guarded", {**GOOD, "rules": ["astrology"]}, "rules.0", "Input should be"),
@@ -155,7 +150,7 @@ def test_bad_payloads_get_422_naming_the_field_or_400(apps: Any) -> None:
 
 
 def test_rate_over_the_client_limit_gets_429(apps: Any) -> None:
-    url, _ = apps
+    url, _, _ = apps
     with client("127.0.0.2") as c:
         responses = [c.post(url + "/tight", json=GOOD) for _ in range(4)]
     statuses = [r.status_code for r in responses]
@@ -189,7 +184,7 @@ def _concurrently(jobs: list[tuple[str, str, dict[str, Any]]], spacing: float = 
 
 
 def test_concurrent_requests_over_the_client_limit_get_429(apps: Any) -> None:
-    url, handles = apps
+    url, _, gateway = apps
     box: dict[str, Any] = {}
 
     def first() -> None:
@@ -199,7 +194,7 @@ def test_concurrent_requests_over_the_client_limit_get_429(apps: Any) -> None:
     thread = threading.Thread(target=first)
     thread.start()
     deadline = time.monotonic() + 30
-    while handles["tight"].http_counters.remote().result()["in_flight"] == 0:
+    while gateway.stats("tight").in_flight == 0:
         assert time.monotonic() < deadline, "the first request never arrived"
         time.sleep(0.01)
     with client("127.0.0.3") as c:
@@ -210,8 +205,8 @@ def test_concurrent_requests_over_the_client_limit_get_429(apps: Any) -> None:
     assert "too many concurrent requests from 127.0.0.3" in second.json()["detail"]
 
 
-def test_past_the_bounded_queue_serve_answers_503_at_once(apps: Any) -> None:
-    url, _ = apps
+def test_past_the_bounded_queue_the_gateway_answers_503_at_once(apps: Any) -> None:
+    url, _, _ = apps
     jobs = [(f"127.0.1.{i}", url + "/bounded", GOOD) for i in range(12)]
     responses = _concurrently(jobs)
     statuses = [getattr(r, "status_code", type(r).__name__) for r in responses]
@@ -220,14 +215,14 @@ def test_past_the_bounded_queue_serve_answers_503_at_once(apps: Any) -> None:
     assert 503 in statuses
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] == "1"
-    assert "max_queued_requests" in rejected.text or "queue" in rejected.text.lower()
+    assert "'bounded' is at capacity (max_queued_requests=2 waiting)" in rejected.text
 
 
 def test_rewards_are_attributable_over_http_and_handles(apps: Any, tiny_rm_dir: Any) -> None:
     from tangram_reward.serve_app import RULES_VERSION, checkpoint_version
     from tangram_reward.tracing import AttributedReward
 
-    url, handles = apps
+    url, handles, _ = apps
     with client() as c:
         resp = c.post(url + "/guarded", json=GOOD, headers={"X-Request-ID": "req-abc-123"})
         meta = resp.json()["meta"]
@@ -272,6 +267,51 @@ def test_attribution_appears_on_the_callers_span(apps: Any, span_exporter: Any) 
     attrs = spans[0].attributes
     assert attrs[semconv.REWARD_DEPLOYMENT] == "guarded"
     assert attrs[semconv.REWARD_MODEL_VERSION] == meta["model_version"]
+
+
+def test_health_needs_no_token_and_unknown_routes_say_nothing_without_one(apps: Any) -> None:
+    url, _, _ = apps
+    health = httpx.get(url + "/healthz", timeout=30)
+    assert health.status_code == 200
+    assert health.json()["deployments"] == ["bounded", "guarded", "rm", "tight"]
+    assert httpx.post(url + "/nowhere", json=GOOD, timeout=30).status_code == 401
+    with client() as c:
+        missing = c.post(url + "/nowhere", json=GOOD)
+    assert missing.status_code == 404
+    assert "no deployment at /nowhere; /bounded, /guarded, /rm, /tight" in missing.json()["detail"]
+
+
+def test_a_request_past_its_deadline_gets_504_and_leaves_the_replica(apps: Any) -> None:
+    """``tight`` waits 1 s for a batch partner; a gateway with a 0.3 s deadline gives up on it
+    with 504 and cancels it, and the deployment still answers afterwards."""
+    from tangram_reward.gateway import RewardGateway, run_in_thread
+
+    url, _, gateway = apps
+    impatient = RewardGateway([gateway.deployment("tight")], token=TOKEN, request_timeout_s=0.3)
+    with run_in_thread(impatient) as fast_url, client("127.0.0.4") as c:
+        t0 = time.monotonic()
+        resp = c.post(fast_url + "/tight", json=GOOD)
+        waited = time.monotonic() - t0
+    assert resp.status_code == 504
+    assert "no reward from 'tight' within request_timeout_s=0.3" in resp.json()["detail"]
+    assert waited < 1.0  # answered at the deadline, not when the batch would have run
+    with client("127.0.0.5") as c:
+        assert c.post(url + "/tight", json=GOOD).json()["reward"] == 1.0
+
+
+def test_a_client_that_leaves_frees_its_slot(apps: Any) -> None:
+    """``tight`` takes 1 s per lone request; a client that gives up after 0.3 s is counted as
+    gone and its slot is free again, and nothing is answered to nobody."""
+    url, _, gateway = apps
+    stats = gateway.stats("tight")
+    before = stats.disconnected
+    with client("127.0.0.6", timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(url + "/tight", json=GOOD)
+    deadline = time.monotonic() + 10
+    while stats.disconnected == before or stats.in_flight:
+        assert time.monotonic() < deadline, stats.as_dict()
+        time.sleep(0.02)
+    assert stats.disconnected == before + 1
 
 
 # --- fuzz ------------------------------------------------------------------------------------
@@ -330,7 +370,7 @@ def hostile_bodies(route: str) -> st.SearchStrategy[bytes]:
 
 @pytest.mark.parametrize("route", sorted(VALID))
 def test_fuzzed_hostile_bodies_get_4xx_never_5xx(apps: Any, route: str) -> None:
-    url, handles = apps
+    url, _, gateway = apps
     seen: list[int] = []
     with client(timeout=60) as c:
 
@@ -352,14 +392,14 @@ def test_fuzzed_hostile_bodies_get_4xx_never_5xx(apps: Any, route: str) -> None:
         assert {400, 413, 422} <= set(seen)  # parse errors, size and validation all reached
         ok = c.post(url + route, json=VALID[route])  # still answers a valid request
         assert ok.status_code == 200, ok.text
-    counters = handles[route.strip("/")].http_counters.remote().result()
+    counters = gateway.stats(route.strip("/")).as_dict()
     assert not any(code.startswith("5") for code in counters["responses"]), counters
 
 
 def test_bounded_overload_every_request_ends_and_the_server_recovers(apps: Any) -> None:
     """Clients far past capacity for a few seconds: each request gets a result, 429 or 503
     (never a hang or another 5xx), and afterwards the deployment answers normally."""
-    url, _ = apps
+    url, _, _ = apps
     stop_at = time.monotonic() + 3.0
 
     async def hammer() -> list[int | str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -40,24 +39,18 @@ PAIRS = [
 ENGINE = {"enforce_eager": True}  # no torch.compile: starts faster on CPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def serve_port(ray_session):
+def serve_without_proxy(ray_session):
     from ray import serve
 
-    port = _free_port()
-    serve.shutdown()  # an earlier module's Serve would keep its own HTTP port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
+    serve.shutdown()  # an earlier module's Serve would keep its own HTTP proxy
+    serve.start(proxy_location="Disabled")  # HTTP goes through tangram_reward.gateway
+    yield
     serve.shutdown()
 
 
-def deploy(name: str, model_dir, **judge):
+def deploy(name: str, model_dir, **judge) -> tuple:
+    """The judge's config and handle."""
     from ray import serve
 
     from tangram_reward.serve_app import RewardDeploymentConfig, build_app
@@ -77,7 +70,7 @@ def deploy(name: str, model_dir, **judge):
             **judge,
         },
     )
-    return serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    return cfg, serve.run(build_app(cfg), name=name, route_prefix=None)
 
 
 def judge_action(prompt: str, response: str, traj: str) -> Action:
@@ -101,10 +94,8 @@ async def run_actions(app: str) -> list:
         )
 
 
-def post(port: int, route: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/{route}", data=json.dumps(body).encode(), method="POST"
-    )
+def post(url: str, route: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/{route}", data=json.dumps(body).encode(), method="POST")
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.loads(resp.read())
@@ -112,12 +103,13 @@ def post(port: int, route: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_free_text_judge_scores_or_reports_the_parse_failure(serve_port, tiny_model_dir):
+def test_free_text_judge_scores_or_reports_the_parse_failure(serve_without_proxy, tiny_model_dir):
     from ray import serve
 
+    from tangram_reward.gateway import RewardGateway, run_in_thread
     from tangram_reward.models.judge_parse import JudgeParseError
 
-    handle = deploy("judge_free", tiny_model_dir, max_tokens=8)
+    cfg, handle = deploy("judge_free", tiny_model_dir, max_tokens=8)
 
     async def burst() -> list:
         calls = [handle.score.remote(p, r) for p, r in PAIRS]
@@ -145,14 +137,18 @@ def test_free_text_judge_scores_or_reports_the_parse_failure(serve_port, tiny_mo
             assert result.status is ActionStatus.OK
             assert result.output == pytest.approx(float(out))
 
-    status, body = post(serve_port, "judge_free", {"prompt": PAIRS[0][0], "response": PAIRS[0][1]})
-    assert status in (200, 502)
-    if status == 502:
-        assert body["detail"]["error"] == "JudgeParseError"
-    else:
-        assert 0.0 <= body["reward"] <= 1.0
-    status, body = post(serve_port, "judge_free", {"prompt": "p", "response": ""})
-    assert status == 422
+    with run_in_thread(RewardGateway([(cfg, handle)])) as url:
+        status, body = post(url, "judge_free", {"prompt": PAIRS[0][0], "response": PAIRS[0][1]})
+        assert status == (502 if isinstance(outcomes[0], BaseException) else 200), body
+        if status == 502:
+            assert body["detail"]["error"] == "JudgeParseError"
+        else:
+            assert body["reward"] == pytest.approx(float(outcomes[0]))
+        status, body = post(url, "judge_free", {"prompt": "p", "response": ""})
+        assert status == 422
+        status, body = post(url, "judge_free", {"prompt": "p", "response": "r", "model_id": "/x"})
+        assert status == 422
+        assert "deploy another judge" in body["detail"][0]["error"]
     with pytest.raises(Exception, match=r"response is empty|at least 1 character"):
         handle.score.remote("p", "").result()
     with pytest.raises(Exception, match="deploy another judge"):
@@ -160,7 +156,7 @@ def test_free_text_judge_scores_or_reports_the_parse_failure(serve_port, tiny_mo
     serve.delete("judge_free")
 
 
-def test_constrained_judge_returns_real_scores(serve_port, tiny_model_dir):
+def test_constrained_judge_returns_real_scores(serve_without_proxy, tiny_model_dir):
     from ray import serve
 
     from tangram_reward.models.judge import Judge

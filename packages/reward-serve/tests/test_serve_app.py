@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -13,33 +12,29 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_instance(ray_session):
     from ray import serve
 
-    port = _free_port()
-    serve.shutdown()  # an earlier module's Serve would keep its own HTTP port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield serve, port
+    serve.shutdown()  # an earlier module's Serve would keep its own HTTP proxy
+    serve.start(proxy_location="Disabled")  # HTTP goes through tangram_reward.gateway
+    yield serve
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def rules(serve_instance):
+    """The rule verifier's handle, and the URL of a gateway in front of it."""
+    from tangram_reward.gateway import RewardGateway, run_in_thread
     from tangram_reward.serve_app import RewardDeploymentConfig, build_app
 
-    serve, port = serve_instance
+    serve = serve_instance
     cfg = RewardDeploymentConfig(
         name="rules", kind="rules", num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.05
     )
-    handle = serve.run(build_app(cfg), name="rules", route_prefix="/rules")
-    return handle, port
+    handle = serve.run(build_app(cfg), name="rules", route_prefix=None)
+    with run_in_thread(RewardGateway([(cfg, handle)])) as url:
+        yield handle, url
 
 
 def test_rule_scores_through_a_handle(rules):
@@ -72,20 +67,20 @@ def test_a_burst_is_batched(rules):
 
 
 def test_bad_input_is_a_clear_error(rules):
-    handle, port = rules
+    handle, url = rules
     with pytest.raises(Exception, match="rule 'math' needs a non-empty 'reference'"):
         handle.score.remote({"response": "42"}).result()
     with pytest.raises(Exception, match="response"):
         handle.score.remote({"response": "", "reference": "1"}).result()
     body = json.dumps({"response": "x", "reference": "1", "colour": "red"}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/rules", data=body, method="POST")
+    req = urllib.request.Request(f"{url}/rules", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 422
     detail = json.loads(err.value.read())["detail"]
     assert detail[0]["field"] == "colour"
     ok = urllib.request.Request(
-        f"http://127.0.0.1:{port}/rules",
+        f"{url}/rules",
         method="POST",
         data=json.dumps({"response": "7", "reference": "7"}).encode(),
     )
@@ -98,7 +93,7 @@ def test_scalar_reward_model_batches_and_multiplexes(serve_instance, tiny_rm_dir
     from tangram_reward.models import ScalarRewardModel, ScalarRewardModelConfig
     from tangram_reward.serve_app import RewardDeploymentConfig, build_app
 
-    serve, _ = serve_instance
+    serve = serve_instance
     cfg = RewardDeploymentConfig(
         name="rm",
         kind="scalar_rm",
@@ -107,7 +102,7 @@ def test_scalar_reward_model_batches_and_multiplexes(serve_instance, tiny_rm_dir
         max_batch_size=8,
         batch_wait_timeout_s=0.05,
     )
-    handle = serve.run(build_app(cfg), name="rm", route_prefix="/rm")
+    handle = serve.run(build_app(cfg), name="rm", route_prefix=None)
     pairs = [(f"question {i}", f"answer {i}") for i in range(16)]
 
     async def burst(model_id=None) -> list:
@@ -147,10 +142,10 @@ def test_external_scaling_up_and_down(serve_instance):
         wait_for_replicas,
     )
 
-    serve, _ = serve_instance
+    serve = serve_instance
     cfg = RewardDeploymentConfig(name="scaled", kind="rules", num_cpus=0.25)
     handle = serve.run(
-        build_app(cfg), name="scaled", route_prefix="/scaled", external_scaler_enabled=True
+        build_app(cfg), name="scaled", route_prefix=None, external_scaler_enabled=True
     )
     assert running_replicas("scaled", "scaled") == 1
     scale_deployment("scaled", "scaled", 2)

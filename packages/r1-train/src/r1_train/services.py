@@ -58,6 +58,8 @@ def _deploy(cfg: TrainConfig) -> list[Any]:
 
     managers = []
     otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}
+    # Handles only: no HTTP proxy listening on the node (a Serve already running is kept).
+    serve.start(proxy_location="Disabled")
     if any(r in cfg.rewards.weights for r in RULES):
         rules = RewardDeploymentConfig(
             name=APP_RULES,

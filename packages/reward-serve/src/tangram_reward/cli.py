@@ -17,9 +17,11 @@ The file holds a list of deployments, each a :class:`RewardDeploymentConfig`::
 
 A bad file exits with status 2 and names the deployment, the field and the rule.
 
-HTTP is safe by default: Serve listens on 127.0.0.1 unless ``http_host`` says otherwise, and
-any other address needs a bearer token (``$TANGRAM_API_TOKEN``, ``$TANGRAM_API_TOKEN_FILE`` or
-``--token-file``; never a command-line value). Ray's own token authentication stays on.
+HTTP is safe by default: the gateway (:mod:`tangram_reward.gateway`, ``POST /<name>`` per
+deployment) listens on 127.0.0.1 unless ``http_host`` says otherwise, and any other address
+needs a bearer token (``$TANGRAM_API_TOKEN``, ``$TANGRAM_API_TOKEN_FILE`` or ``--token-file``;
+never a command-line value). Serve's own HTTP proxy is not started. Ray's own token
+authentication stays on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +47,7 @@ class RewardServeFile(BaseModel):
     http_host: str = Field("127.0.0.1", description="Beyond loopback needs a bearer token.")
     http_port: int = Field(8000, ge=0, le=65535)
     http_request_timeout_s: float = Field(
-        60.0, gt=0, description="End-to-end HTTP deadline; past it Serve answers 408."
+        60.0, gt=0, description="End-to-end HTTP deadline; past it the gateway answers 504."
     )
 
     @model_validator(mode="after")
@@ -94,6 +95,7 @@ def _serve(path: Path, once: bool, token_file: Path | None) -> int:
     from ray import serve
 
     from tangram_core.http_guard import check_bind, load_token
+    from tangram_reward.gateway import RewardGateway, bind, run_in_thread, uvicorn_server
     from tangram_reward.serve_app import build_app, running_replicas
 
     top, configs = load_config(path)
@@ -111,35 +113,41 @@ def _serve(path: Path, once: bool, token_file: Path | None) -> int:
             "reaches the Ray ports controls the cluster, rewards included; unset it",
             file=sys.stderr,
         )
+    sock = bind(top.http_host, top.http_port)  # a taken port fails now, not after Ray starts
+    port = sock.getsockname()[1]
     ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(
-        http_options={
-            "host": top.http_host,
-            "port": top.http_port,
-            "request_timeout_s": top.http_request_timeout_s,
-        }
-    )
+    # No Serve HTTP proxy: the gateway below is the only HTTP surface (see its module).
+    serve.start(proxy_location="Disabled")
     try:
-        for cfg in configs:
-            serve.run(
-                build_app(cfg, token=token),
-                name=cfg.name,
-                route_prefix=f"/{cfg.name}",
-                external_scaler_enabled=True,
+        deployed = [
+            (
+                cfg,
+                serve.run(
+                    build_app(cfg), name=cfg.name, route_prefix=None, external_scaler_enabled=True
+                ),
             )
+            for cfg in configs
+        ]
+        gateway = RewardGateway(deployed, token=token, request_timeout_s=top.http_request_timeout_s)
         print(f"{'deployment':<20} {'kind':<10} {'replicas':>8}  route")
         for cfg in configs:
             n = running_replicas(cfg.name, cfg.name)
-            url = f"http://{top.http_host}:{top.http_port}/{cfg.name}"
+            url = f"http://{top.http_host}:{port}/{cfg.name}"
             print(f"{cfg.name:<20} {cfg.kind:<10} {n:>8}  {url}")
         if once:
+            with run_in_thread(gateway, sock) as url:  # the gateway starts and answers
+                import urllib.request
+
+                with urllib.request.urlopen(url + "/healthz", timeout=30) as resp:
+                    print(f"gateway: {resp.status} {resp.read().decode()}")
             return 0
-        print("serving; Ctrl-C to stop")
-        while True:
-            time.sleep(3600)
+        print("serving; Ctrl-C or SIGTERM to stop (requests in flight are finished first)")
+        uvicorn_server(gateway, graceful_s=top.http_request_timeout_s).run(sockets=[sock])
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:
+        sock.close()
         serve.shutdown()  # type: ignore[no-untyped-call]  # untyped in Ray 2.60
         ray.shutdown()
 

@@ -11,38 +11,31 @@ is plain Python (:mod:`.rules`, :mod:`.models`) and is tested without a cluster.
   transformers) reads a rubric prompt and writes a score; ``@serve.batch`` makes each batch one
   ``generate`` call. A reply with no usable score raises ``JudgeParseError`` (never a 0).
 
-Both answer Python callers through a ``DeploymentHandle`` (``handle.score.remote(...)``) and
-HTTP callers on ``POST /<route>``. Every result carries ``meta``: the deployment, the model
-version and the request id that produced it, plus its replica, batch and trace ids.
-
-HTTP safety: each deployment is an ASGI ingress behind :class:`tangram_core.http_guard.HttpGuard`
-(bearer token when one is given, per-client rate and concurrency, body size), Serve's
-``max_queued_requests`` answers 503 at once past a bounded queue, and a bad payload gets 422
-with the field and the rule. The token travels to the replicas as a deployment argument
-(stored by Ray, which its own token authentication protects); it is never logged.
+All answer through a ``DeploymentHandle`` (``handle.score.remote(...)``): the reward manager
+calls them so, and HTTP callers reach them through :mod:`.gateway`, which validates, guards and
+forwards (Serve's own HTTP proxy is not used; see that module for why). Every result carries
+``meta``: the deployment, the model version and the request id that produced it, plus its
+replica, batch and trace ids. Past ``max_queued_requests`` waiting requests a handle call
+raises ``BackPressureError`` at once instead of queueing without bound.
 """
 
 from __future__ import annotations
 
-import abc
 import functools
 import hashlib
-import json
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
 from tangram_core import semconv
-from tangram_core.http_guard import GuardConfig, GuardStats, HttpGuard, send_json
+from tangram_core.http_guard import GuardConfig
 from tangram_core.telemetry import configure_telemetry
 from tangram_reward import __version__
 from tangram_reward.models.judge import JudgeConfig, JudgeSpec
-from tangram_reward.models.judge_parse import JudgeParseError
 from tangram_reward.rules.request import RuleRequest, score_rules
 from tangram_reward.tracing import (
     AttributedReward,
@@ -86,7 +79,8 @@ class RewardDeploymentConfig(BaseModel):
     )
     http: GuardConfig = Field(
         default_factory=_default_http,
-        description="HTTP limits of each replica (body size, per-client rate and concurrency).",
+        description="HTTP limits of this deployment's route on the gateway (body size, "
+        "per-client rate and concurrency, requests in flight and queued).",
     )
 
     @model_validator(mode="after")
@@ -123,70 +117,6 @@ def _errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
 
 
-JsonHandler = Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]
-
-
-class HttpStatusError(Exception):
-    """Raised by a JSON handler to answer with ``status`` and ``detail`` (no traceback)."""
-
-    def __init__(self, status: int, detail: Any) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.detail = detail
-
-
-def json_endpoint(handler: JsonHandler) -> Callable[..., Awaitable[None]]:
-    """A minimal ASGI app: ``POST`` a JSON object, get ``handler(body, trace headers)`` back.
-
-    Errors are the client's and say so: 405 for another method, 400 for a body that is not
-    UTF-8 JSON (or nests too deep to parse), 422 with the field and the rule for a body that
-    does not validate. Inputs are never echoed back."""
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                phase = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{phase}.complete"})
-                if phase == "shutdown":
-                    return
-        if scope["type"] != "http":
-            return
-        if scope.get("method") != "POST":
-            await send_json(send, 405, {"detail": "use POST with a JSON object body"})
-            return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        try:
-            data = json.loads(b"".join(chunks))
-        except (ValueError, RecursionError):  # bad JSON or UTF-8, or absurd nesting
-            await send_json(send, 400, {"detail": "body is not valid JSON (UTF-8)"})
-            return
-        if not isinstance(data, dict):
-            detail = [{"field": "", "error": "the body must be a JSON object"}]
-            await send_json(send, 422, {"detail": detail})
-            return
-        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        carrier = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
-        try:
-            result = await handler(data, carrier)
-        except ValidationError as exc:
-            await send_json(send, 422, {"detail": _errors(exc)})
-            return
-        except HttpStatusError as exc:
-            await send_json(send, exc.status, {"detail": exc.detail})
-            return
-        await send_json(send, 200, result)
-
-    return app
-
-
 class _BatchControl(Protocol):
     """The setters ``@serve.batch`` puts on the method it wraps (Ray types it as a plain
     callable, so mypy cannot see them)."""
@@ -202,38 +132,14 @@ def configure_batching(method: object, config: RewardDeploymentConfig) -> None:
     control.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
 
-class _HttpIngress(abc.ABC):
-    """What the deployments share: the guarded ASGI app Serve builds at replica start."""
-
-    config: RewardDeploymentConfig
-    _token: SecretStr | None
-    http_stats: GuardStats
-
-    @abc.abstractmethod
-    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
-        """Answer one validated-JSON HTTP request (``carrier``: its W3C trace headers)."""
-
-    def __serve_build_asgi_app__(self) -> Any:
-        return HttpGuard(
-            json_endpoint(self._http), self.config.http, token=self._token, stats=self.http_stats
-        )
-
-    def http_counters(self) -> dict[str, Any]:
-        """The guard's counters on this replica (by status), for tests and benchmarks."""
-        return self.http_stats.as_dict()
-
-
 RULES_VERSION = f"rules-{__version__}"
 
 
 @serve.deployment
-@serve.ingress()
-class RuleVerifier(_HttpIngress):
-    def __init__(self, config: RewardDeploymentConfig, token: SecretStr | None = None) -> None:
+class RuleVerifier:
+    def __init__(self, config: RewardDeploymentConfig) -> None:
         configure_telemetry(service_name=f"tangram-reward-{config.name}")
         self.config = config
-        self._token = token
-        self.http_stats = GuardStats()
         configure_batching(self.score_batch, config)
         self.batch_sizes: list[int] = []
 
@@ -244,30 +150,31 @@ class RuleVerifier(_HttpIngress):
         return [(score_rules(p.request).model_dump(), len(requests), start) for p in requests]
 
     async def _score(
-        self, req: RuleRequest, trace_context: dict[str, str] | None
+        self, req: RuleRequest, trace_context: dict[str, str] | None, request_id: str | None
     ) -> dict[str, Any]:
-        who = attribution(self.config.name, RULES_VERSION)
+        who = attribution(self.config.name, RULES_VERSION, request_id)
         with scoring_span(trace_context, self.config.name, who) as span:
             pending = Pending(req)
             result, size, start = await self.score_batch(pending)
             return dict(result, meta=batch_facts(span, pending, size, start, who))
 
     async def score(
-        self, request: dict[str, Any], trace_context: dict[str, str] | None = None
+        self,
+        request: dict[str, Any],
+        trace_context: dict[str, str] | None = None,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Validate, then score in a batch; bad input raises ValueError naming the field.
 
-        The result carries ``meta``: the deployment, model version and request id, the
-        replica, its batch and the trace ids of this request's span (a child of
-        ``trace_context``, the caller's W3C headers)."""
+        The result carries ``meta``: the deployment, model version and request id (the
+        caller's ``request_id``, e.g. an HTTP ``X-Request-ID``, else Serve's), the replica, its
+        batch and the trace ids of this request's span (a child of ``trace_context``, the
+        caller's W3C headers)."""
         try:
             req = RuleRequest.model_validate(request)
         except ValidationError as exc:
             raise ValueError(f"invalid rule request: {_errors(exc)}") from None
-        return await self._score(req, trace_context)
-
-    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
-        return await self._score(RuleRequest.model_validate(body), carrier)
+        return await self._score(req, trace_context, request_id)
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
@@ -299,13 +206,10 @@ def checkpoint_version(path: str) -> str:
 
 
 @serve.deployment
-@serve.ingress()
-class ScalarRewardDeployment(_HttpIngress):
-    def __init__(self, config: RewardDeploymentConfig, token: SecretStr | None = None) -> None:
+class ScalarRewardDeployment:
+    def __init__(self, config: RewardDeploymentConfig) -> None:
         configure_telemetry(service_name=f"tangram-reward-{config.name}")
         self.config = config
-        self._token = token
-        self.http_stats = GuardStats()
         configure_batching(self.score_batch, config)
         self.batch_sizes: list[int] = []
 
@@ -337,10 +241,10 @@ class ScalarRewardDeployment(_HttpIngress):
         return [(value, len(requests), start) for value in out]
 
     async def _score(
-        self, req: ScoreRequest, trace_context: dict[str, str] | None
+        self, req: ScoreRequest, trace_context: dict[str, str] | None, request_id: str | None
     ) -> AttributedReward:
         model = req.model_id or self.config.model_path or ""
-        who = attribution(self.config.name, checkpoint_version(model))
+        who = attribution(self.config.name, checkpoint_version(model), request_id)
         with scoring_span(trace_context, self.config.name, who) as span:
             pending = Pending(req)
             value, size, start = await self.score_batch(pending)
@@ -352,6 +256,7 @@ class ScalarRewardDeployment(_HttpIngress):
         response: str,
         model_id: str | None = None,
         trace_context: dict[str, str] | None = None,
+        request_id: str | None = None,
     ) -> float:
         """The reward, as an :class:`AttributedReward` (a float with ``meta``); the request's
         span (child of ``trace_context``) records its batch."""
@@ -359,11 +264,7 @@ class ScalarRewardDeployment(_HttpIngress):
             req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
             raise ValueError(f"invalid score request: {_errors(exc)}") from None
-        return await self._score(req, trace_context)
-
-    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
-        reward = await self._score(ScoreRequest.model_validate(body), carrier)
-        return {"reward": float(reward), "meta": reward.meta}
+        return await self._score(req, trace_context, request_id)
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
@@ -378,21 +279,18 @@ JUDGE_REPLICA_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 @serve.deployment
-@serve.ingress()
-class JudgeDeployment(_HttpIngress):
+class JudgeDeployment:
     """A generative judge: one engine per replica, one ``generate`` call per batch.
 
     ``generate`` runs inline on the replica's event loop: requests that arrive meanwhile wait
     and form the next batch, and the engine is never called from two places at once
     (``@serve.batch`` runs one batch at a time by default)."""
 
-    def __init__(self, config: RewardDeploymentConfig, token: SecretStr | None = None) -> None:
+    def __init__(self, config: RewardDeploymentConfig) -> None:
         from tangram_reward.models.judge import Judge
 
         configure_telemetry(service_name=f"tangram-reward-{config.name}")
         self.config = config
-        self._token = token
-        self.http_stats = GuardStats()
         judge_config = config.judge_config()
         self.judge = Judge(judge_config)
         self.version = checkpoint_version(str(judge_config.path))
@@ -407,14 +305,14 @@ class JudgeDeployment(_HttpIngress):
         return [(reply, len(pending), start) for reply in replies]
 
     async def _score(
-        self, req: ScoreRequest, trace_context: dict[str, str] | None
+        self, req: ScoreRequest, trace_context: dict[str, str] | None, request_id: str | None
     ) -> AttributedReward:
         if req.model_id is not None and req.model_id != self.config.model_path:
             raise ValueError(
                 f"judge {self.config.name!r} serves {self.config.model_path!r}, not "
                 f"{req.model_id!r}; deploy another judge for that model"
             )
-        who = attribution(self.config.name, self.version)
+        who = attribution(self.config.name, self.version, request_id)
         with scoring_span(trace_context, self.config.name, who) as span:
             ids = self.judge.encode(req.prompt, req.response)
             span.set_attributes(self.judge.span_attributes(len(ids)))
@@ -435,6 +333,7 @@ class JudgeDeployment(_HttpIngress):
         response: str,
         model_id: str | None = None,
         trace_context: dict[str, str] | None = None,
+        request_id: str | None = None,
     ) -> float:
         """The judge's score normalised to [0, 1], as an :class:`AttributedReward` whose
         ``meta["judge"]`` holds the raw score and the judge's text. A reply with no score in
@@ -443,17 +342,7 @@ class JudgeDeployment(_HttpIngress):
             req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
             raise ValueError(f"invalid score request: {_errors(exc)}") from None
-        return await self._score(req, trace_context)
-
-    async def _http(self, body: dict[str, Any], carrier: dict[str, str]) -> Any:
-        req = ScoreRequest.model_validate(body)
-        try:
-            reward = await self._score(req, carrier)
-        except JudgeParseError as exc:  # the judge failed, not the client: 502
-            raise HttpStatusError(502, {"error": "JudgeParseError", "reason": exc.reason}) from None
-        except ValueError as exc:
-            raise HttpStatusError(422, [{"field": "", "error": str(exc)}]) from None
-        return {"reward": float(reward), "meta": reward.meta}
+        return await self._score(req, trace_context, request_id)
 
     def stats(self) -> dict[str, Any]:
         return {"batches": len(self.batch_sizes), "max_batch": max(self.batch_sizes, default=0)}
@@ -464,12 +353,11 @@ class JudgeDeployment(_HttpIngress):
             judge.close()
 
 
-def build_app(config: RewardDeploymentConfig, token: SecretStr | str | None = None) -> Any:
+def build_app(config: RewardDeploymentConfig) -> Any:
     """The Serve application for one reward deployment, with its resources and replicas.
 
-    ``token`` turns on bearer authentication of its HTTP route (handles are unaffected: Ray's
-    own token authentication guards them). Whether a deployment may serve HTTP without one is
-    the caller's decision (:func:`tangram_core.http_guard.check_bind`; the CLI makes it)."""
+    It has no HTTP route of its own: handles reach it (guarded by Ray's token
+    authentication), and HTTP clients go through :mod:`tangram_reward.gateway`."""
     deployments: dict[str, Any] = {
         "rules": RuleVerifier,
         "scalar_rm": ScalarRewardDeployment,
@@ -484,15 +372,13 @@ def build_app(config: RewardDeploymentConfig, token: SecretStr | str | None = No
         actor_options["runtime_env"] = {"env_vars": env}
     if config.num_gpus:
         actor_options["num_gpus"] = config.num_gpus
-    secret = SecretStr(token) if isinstance(token, str) else token
     return cls.options(
         name=config.name,
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options=actor_options,
-    ).bind(config, secret)
+    ).bind(config)
 
 
 def scale_deployment(app: str, deployment: str, replicas: int) -> None:

@@ -59,8 +59,11 @@ def replica_id() -> str:
         return "local"
 
 
-def request_id() -> str:
-    """Serve's id of the request being handled (``X-Request-ID`` over HTTP), else a new one."""
+def request_id(given: str | None = None) -> str:
+    """``given`` (the caller's id, e.g. HTTP ``X-Request-ID``), else Serve's id of the request
+    being handled, else a new one."""
+    if given:
+        return given
     try:
         from ray.serve.context import _get_serve_request_context
 
@@ -70,9 +73,15 @@ def request_id() -> str:
     return rid or uuid.uuid4().hex
 
 
-def attribution(deployment: str, model_version: str) -> dict[str, str]:
+def attribution(
+    deployment: str, model_version: str, given_request_id: str | None = None
+) -> dict[str, str]:
     """Who produced a reward: the deployment, the model version and the request id."""
-    return {"deployment": deployment, "model_version": model_version, "request_id": request_id()}
+    return {
+        "deployment": deployment,
+        "model_version": model_version,
+        "request_id": request_id(given_request_id),
+    }
 
 
 class AttributedReward(float):
