@@ -40,6 +40,15 @@ def test_tangram_sim_quick(tmp_path):
     # "Up to" figures are the best grid row, so never below the headline setting's.
     for key in ("act_ratio_vs_static", "step_speedup_vs_static"):
         assert result["up_to"][key]["value"] >= result[key]
+    # With no queueing the step is its slowest trajectory's path: the simulator's floor and
+    # the path worked out from the plans alone must agree, and no scheduler beats the floor.
+    for workload in result["workloads"].values():
+        for row in workload["grid"]:
+            path = row["step_floor_critical_path"]
+            assert path["mean_s"] == pytest.approx(row["step_floor_s"], rel=1e-9)
+            assert 0 < path["rigid_s"] < path["mean_s"]
+            assert row["tangram"]["step_mean_s"] >= row["step_floor_s"] * (1 - 1e-9)
+            assert row["static"]["step_mean_s"] >= row["step_floor_s"] * (1 - 1e-9)
     assert "x1." in run.stdout or "x2." in run.stdout  # the ratio table was printed
 
 
