@@ -25,13 +25,22 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from tangram_core.http_guard import GuardConfig, GuardStats, HttpGuard, send_json
+from tangram_core.http_guard import (
+    ASGIApp,
+    GuardConfig,
+    GuardStats,
+    HttpGuard,
+    Receive,
+    Scope,
+    Send,
+    send_json,
+)
 from tangram_reward.models.judge_parse import JudgeParseError
 from tangram_reward.rules.request import RuleRequest
 from tangram_reward.serve_app import RewardDeploymentConfig, ScoreRequest
@@ -45,9 +54,6 @@ __all__ = [
     "uvicorn_server",
 ]
 
-Scope = Mapping[str, Any]
-Receive = Callable[[], Awaitable[Any]]
-Send = Callable[[Any], Awaitable[None]]
 JsonHandler = Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]
 
 
@@ -65,14 +71,14 @@ def _errors(exc: ValidationError) -> list[dict[str, Any]]:
     return [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
 
 
-def json_endpoint(handler: JsonHandler) -> Callable[[Any, Receive, Send], Awaitable[None]]:
+def json_endpoint(handler: JsonHandler) -> ASGIApp:
     """An ASGI app: ``POST`` a JSON object, get ``handler(body, headers)`` back as JSON.
 
     Errors are the client's and say so: 405 for another method, 400 for a body that is not
     UTF-8 JSON (or nests too deep to parse), 422 with the field and the rule for a body that
     does not validate. ``headers`` are lower-cased."""
 
-    async def app(scope: Any, receive: Receive, send: Send) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") != "POST":
             await send_json(send, 405, {"detail": "use POST with a JSON object body"})
             return
@@ -155,7 +161,7 @@ class RewardGateway:
         """The guard's counters of one route (by status, in flight, queued)."""
         return self._routes[name].guard.stats
 
-    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
         if kind == "lifespan":
             while True:
@@ -174,7 +180,7 @@ class RewardGateway:
         route = self._routes.get(path.strip("/"))
         await (route.guard if route else self._not_found)(scope, receive, send)
 
-    async def _missing(self, scope: Any, receive: Receive, send: Send) -> None:
+    async def _missing(self, scope: Scope, receive: Receive, send: Send) -> None:
         routes = ", ".join(f"/{n}" for n in sorted(self._routes))
         await send_json(send, 404, {"detail": f"no deployment at {scope.get('path')}; {routes}"})
 
