@@ -1,7 +1,8 @@
 """What every Tangram HTTP server shares to be safe by default: token, bind policy and limits.
 
-Why here, and why pure ASGI: the sandbox (FastAPI under uvicorn) and reward-serve (Ray Serve
-ingress) must enforce the same rules, and tangram-core must not depend on a web framework, so
+Why here, and why pure ASGI: the sandbox (FastAPI under uvicorn) and reward-serve (a plain
+ASGI gateway under uvicorn, in front of Ray Serve handles) must enforce the same rules, and
+tangram-core must not depend on a web framework, so
 the guard speaks the ASGI protocol directly (three awaitables and dicts) and imports nothing
 beyond the standard library and pydantic.
 
