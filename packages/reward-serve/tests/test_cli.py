@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
+import httpx
 import pytest
 
 
@@ -93,3 +97,53 @@ def test_serve_names_a_taken_port_before_starting_ray(tmp_path):
     assert out.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path):
+    """A lone request waits 3 s for a batch partner; SIGTERM arrives meanwhile. The gateway
+    stops accepting, answers that request with its reward, then the server exits 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "rewards.yaml"
+    path.write_text(
+        f"http_port: {port}\ndeployments:\n"
+        "  - {name: slow, kind: rules, num_cpus: 0.25, max_batch_size: 2, "
+        "batch_wait_timeout_s: 3.0}\n"
+    )
+    log = tmp_path / "serve.log"  # a file, not a pipe: a full pipe would stall the server
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tangram_reward.cli", "serve", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server never became healthy"
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        box: dict[str, httpx.Response] = {}
+        body = {"response": "<think>x</think><answer>4</answer>", "reference": "4"}
+        request = threading.Thread(
+            target=lambda: box.update(r=httpx.post(url + "/slow", json=body, timeout=60))
+        )
+        request.start()
+        time.sleep(1.0)  # the request is waiting in its batch
+        proc.send_signal(signal.SIGTERM)
+        request.join(60)
+        assert box["r"].status_code == 200
+        assert box["r"].json()["reward"] == 1.0
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+        assert "serving; Ctrl-C or SIGTERM to stop" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

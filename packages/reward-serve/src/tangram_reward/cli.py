@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,6 +143,9 @@ def _serve(path: Path, once: bool, token_file: Path | None) -> int:
                     print(f"gateway: {resp.status} {resp.read().decode()}")
             return 0
         print("serving; Ctrl-C or SIGTERM to stop (requests in flight are finished first)")
+        # uvicorn drains on SIGTERM, then raises the signal again for the handler it found:
+        # make that one a clean stop (exit 0 after the drain), like Ctrl-C, not Ray's exit 15.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         uvicorn_server(gateway, graceful_s=top.http_request_timeout_s).run(sockets=[sock])
         return 0
     except KeyboardInterrupt:
