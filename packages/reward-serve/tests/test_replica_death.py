@@ -12,7 +12,9 @@ while its window is open, and check that what it held comes back through the oth
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -30,11 +32,19 @@ N = 8
 def two_replicas(ray_session):
     from ray import serve
 
-    from tangram_reward.serve_app import RewardDeploymentConfig, build_app
+    from tangram_reward.serve_app import build_app
 
     serve.shutdown()  # an earlier module's Serve would keep its own HTTP options
-    serve.start(http_options={"host": "127.0.0.1", "port": 0})
-    cfg = RewardDeploymentConfig(
+    serve.start(proxy_location="Disabled")
+    serve.run(build_app(config()), name=APP, route_prefix=None)
+    yield APP
+    serve.shutdown()
+
+
+def config() -> Any:
+    from tangram_reward.serve_app import RewardDeploymentConfig
+
+    return RewardDeploymentConfig(
         name=APP,
         kind="rules",
         num_cpus=0.25,
@@ -42,9 +52,6 @@ def two_replicas(ray_session):
         max_batch_size=64,  # never fills with N requests: each waits out the window
         batch_wait_timeout_s=HOLD_S,
     )
-    serve.run(build_app(cfg), name=APP, route_prefix=None)
-    yield APP
-    serve.shutdown()
 
 
 def replicas(app: str) -> dict[str, object]:
@@ -116,3 +123,45 @@ def test_replica_killed_mid_request_the_action_is_retried_and_nothing_is_lost(tw
     retried = [r for r in results if r.attempts > 1]
     assert 1 <= len(retried) <= held, f"{victim} held {held}; retried {len(retried)}"
     assert all(r.attempts == 2 for r in retried)
+
+
+def test_a_replica_killed_under_an_http_request_gets_503_not_a_hang(two_replicas):
+    """Over HTTP nobody retries for the client: the gateway answers 503 with ``Retry-After``
+    at once, naming the deployment, and a retry is served by the replica left alive."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from tangram_reward.gateway import RewardGateway, run_in_thread
+    from tangram_reward.serve_app import wait_for_replicas
+
+    asyncio.run(wait_for_replicas(two_replicas, two_replicas, 2, 120))  # the last test's victim
+    actors = replicas(two_replicas)
+    gateway = RewardGateway([(config(), serve.get_app_handle(two_replicas))])
+    body = {"response": r"\boxed{4}", "reference": "4"}
+    box: dict[str, Any] = {}
+    with run_in_thread(gateway) as url:
+        route = f"{url}/{two_replicas}"
+        request = threading.Thread(
+            target=lambda: box.update(r=httpx.post(route, json=body, timeout=60))
+        )
+        t0 = time.monotonic()
+        request.start()
+        counts: dict[str, int] = {}
+        while time.monotonic() - t0 < HOLD_S / 2:  # until the request sits in a replica
+            counts = ongoing(actors)
+            if sum(counts.values()) == 1:
+                break
+            time.sleep(0.05)
+        assert sum(counts.values()) == 1, f"the request is not held yet: {counts}"
+        victim = max(counts, key=lambda name: counts[name])
+        ray.kill(actors[victim], no_restart=True)
+        request.join(60)
+        answer = box["r"]
+        assert answer.status_code == 503, answer.text
+        assert time.monotonic() - t0 < HOLD_S  # at once, not when the batch window closed
+        assert answer.headers["retry-after"] == "1"
+        assert f"a replica of '{two_replicas}' died or is restarting" in answer.json()["detail"]
+        retry = httpx.post(route, json=body, timeout=60)
+    assert retry.status_code == 200
+    assert retry.json()["reward"] == 1.0
