@@ -69,15 +69,20 @@ def test_check_accepts_a_good_file(tmp_path, tiny_rm_dir, tiny_model_dir):
     assert "3 deployment(s) OK" in out.stdout
 
 
+def rewards_file(tmp_path, deployment: str, port: int | None = None):
+    """A one-deployment rewards.yaml on ``port`` (default: a free one); its path and port."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    path = tmp_path / "rewards.yaml"
+    path.write_text(f"http_port: {port}\ndeployments:\n  - {deployment}\n")
+    return path, port
+
+
 @pytest.mark.slow
 def test_serve_once_starts_and_reports_health(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = tmp_path / "rewards.yaml"
-    path.write_text(
-        f"http_port: {port}\ndeployments:\n  - {{name: rules, kind: rules, num_cpus: 0.25}}\n"
-    )
+    path, port = rewards_file(tmp_path, "{name: rules, kind: rules, num_cpus: 0.25}")
     out = cli("serve", str(path), "--once", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"http://127.0.0.1:{port}/rules" in out.stdout
@@ -90,9 +95,7 @@ def test_serve_names_a_taken_port_before_starting_ray(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        path = tmp_path / "rewards.yaml"
-        path.write_text(f"http_port: {port}\ndeployments:\n  - {{name: rules, kind: rules}}\n")
+        path, port = rewards_file(tmp_path, "{name: rules, kind: rules}", taken.getsockname()[1])
         out = cli("serve", str(path), timeout=60)
     assert out.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
@@ -103,14 +106,9 @@ def test_serve_names_a_taken_port_before_starting_ray(tmp_path):
 def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path):
     """A lone request waits 3 s for a batch partner; SIGTERM arrives meanwhile. The gateway
     stops accepting, answers that request with its reward, then the server exits 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = tmp_path / "rewards.yaml"
-    path.write_text(
-        f"http_port: {port}\ndeployments:\n"
-        "  - {name: slow, kind: rules, num_cpus: 0.25, max_batch_size: 2, "
-        "batch_wait_timeout_s: 3.0}\n"
+    path, port = rewards_file(
+        tmp_path,
+        "{name: slow, kind: rules, num_cpus: 0.25, max_batch_size: 2, batch_wait_timeout_s: 3.0}",
     )
     log = tmp_path / "serve.log"  # a file, not a pipe: a full pipe would stall the server
     with open(log, "w") as out:

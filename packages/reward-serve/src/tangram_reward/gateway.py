@@ -43,7 +43,7 @@ from tangram_core.http_guard import (
 )
 from tangram_reward.models.judge_parse import JudgeParseError
 from tangram_reward.rules.request import RuleRequest
-from tangram_reward.serve_app import RewardDeploymentConfig, ScoreRequest
+from tangram_reward.serve_app import RewardDeploymentConfig, ScoreRequest, validation_errors
 
 __all__ = [
     "HttpStatusError",
@@ -65,10 +65,6 @@ class HttpStatusError(Exception):
         self.status = status
         self.detail = detail
         self.retry_after_s = retry_after_s
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
 
 
 def json_endpoint(handler: JsonHandler) -> ASGIApp:
@@ -103,7 +99,7 @@ def json_endpoint(handler: JsonHandler) -> ASGIApp:
         try:
             result = await handler(data, headers)
         except ValidationError as exc:
-            await send_json(send, 422, {"detail": _errors(exc)})
+            await send_json(send, 422, {"detail": validation_errors(exc)})
             return
         except HttpStatusError as exc:
             extra = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None

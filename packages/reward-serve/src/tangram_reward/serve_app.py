@@ -113,7 +113,8 @@ class RewardDeploymentConfig(BaseModel):
         return JudgeConfig.model_validate(fields)
 
 
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Each failed field and its rule, as the HTTP 422 body and handle errors list them."""
     return [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
 
 
@@ -173,7 +174,7 @@ class RuleVerifier:
         try:
             req = RuleRequest.model_validate(request)
         except ValidationError as exc:
-            raise ValueError(f"invalid rule request: {_errors(exc)}") from None
+            raise ValueError(f"invalid rule request: {validation_errors(exc)}") from None
         return await self._score(req, trace_context, request_id)
 
     def stats(self) -> dict[str, Any]:
@@ -263,7 +264,7 @@ class ScalarRewardDeployment:
         try:
             req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
-            raise ValueError(f"invalid score request: {_errors(exc)}") from None
+            raise ValueError(f"invalid score request: {validation_errors(exc)}") from None
         return await self._score(req, trace_context, request_id)
 
     def stats(self) -> dict[str, Any]:
@@ -341,7 +342,7 @@ class JudgeDeployment:
         try:
             req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
-            raise ValueError(f"invalid score request: {_errors(exc)}") from None
+            raise ValueError(f"invalid score request: {validation_errors(exc)}") from None
         return await self._score(req, trace_context, request_id)
 
     def stats(self) -> dict[str, Any]:
