@@ -184,6 +184,9 @@ def test_a_killed_rollout_engine_is_reported_not_lost(
         trainer.close()
     assert killed, "the engine core process was not found"
     lost = err.value
-    assert lost.in_flight + len(lost.ready) >= 1  # what the next steps would have used
+    # what the next steps would have used: the engine died with groups of step >= 1 launched
+    assert lost.in_flight + len(lost.ready) + len(lost.failed) >= 1
+    assert all(step >= 1 for step, _ in lost.failed)
+    assert all(f"step {s} prompt {p}" in str(lost) for s, p in lost.failed)
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert 1 <= len(rows) < 4

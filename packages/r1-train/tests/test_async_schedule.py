@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from r1_train.agent_loop import Trajectory
-from r1_train.async_trainer import ReadyGroup, pick_groups
+from r1_train.async_trainer import ReadyGroup, RolloutsLost, pick_groups
 from r1_train.tasks import Task
 
 
@@ -57,3 +57,15 @@ def test_bound_holds_under_an_adversarial_mix() -> None:
                 taken += len(chosen)
                 version += 1
         assert taken > 0
+
+
+def test_lost_rollouts_name_the_failed_groups_too() -> None:
+    """Every group in flight failed at once (the engine died): none is in flight or ready any
+    more, and the error still names each one, so the loss is not reported as nothing."""
+    lost = RolloutsLost(RuntimeError("engine dead"), [], 0, [(2, 1), (1, 0)])
+    assert lost.failed == [(1, 0), (2, 1)]
+    assert "failed groups: step 1 prompt 0, step 2 prompt 1" in str(lost)
+    assert "0 group(s) in flight" in str(lost)
+    waiting = RolloutsLost(RuntimeError("x"), [_group(3, 0, [1])], 2)
+    assert "failed groups: none" in str(waiting)
+    assert "finished groups: step 3 prompt 0" in str(waiting)

@@ -64,16 +64,27 @@ class RolloutsLost(RuntimeError):
     """A rollout failed for a reason that retrying it here cannot fix (the engine died).
 
     The run stops and says what was not trained on, so that no sample is lost silently: the
-    finished groups still waiting, and how many groups were in flight."""
+    groups that failed, the finished groups still waiting, and how many groups were in flight.
+    ``failed`` holds ``(step, prompt)`` pairs: a failed group is no longer in flight, so without
+    it a run whose every group died at once would report nothing lost."""
 
-    def __init__(self, cause: BaseException, ready: list[ReadyGroup], in_flight: int) -> None:
+    def __init__(
+        self,
+        cause: BaseException,
+        ready: list[ReadyGroup],
+        in_flight: int,
+        failed: list[tuple[int, int]] | None = None,
+    ) -> None:
+        failed = sorted(failed or [])
         waiting = ", ".join(f"step {g.step} prompt {g.slot}" for g in ready) or "none"
+        dead = ", ".join(f"step {s} prompt {p}" for s, p in failed) or "none"
         super().__init__(
-            f"a rollout failed: {cause!r}. Not trained on: {in_flight} group(s) in flight, and "
-            f"these finished groups: {waiting}. Checkpoints up to the last finished step are "
-            "kept; resume with run.resume=true"
+            f"a rollout failed: {cause!r}. Not trained on: these failed groups: {dead}; "
+            f"{in_flight} group(s) in flight; and these finished groups: {waiting}. Checkpoints "
+            "up to the last finished step are kept; resume with run.resume=true"
         )
         self.cause, self.ready, self.in_flight = cause, list(ready), in_flight
+        self.failed = failed
 
 
 def pick_groups(
@@ -113,6 +124,7 @@ class AsyncRun:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
+        self._failed: list[tuple[int, int]] = []  # (step, slot) of groups that failed
         self._clock: dict[str, float] = {}
         self.stale_dropped = 0
         self.max_staleness_seen = 0
@@ -202,6 +214,7 @@ class AsyncRun:
             raise
         except BaseException as exc:  # the trainer must hear of it, not wait for ever
             self._failure = exc
+            self._failed.append((step, slot))
             async with self._changed:
                 self._changed.notify_all()
             return
@@ -216,7 +229,7 @@ class AsyncRun:
         async with self._changed:
             while True:
                 if self._failure is not None:
-                    raise RolloutsLost(self._failure, self._ready, len(self._tasks))
+                    raise self._lost(self._failure)
                 chosen, stale = pick_groups(self._ready, need, tr.version, self.k)
                 for g in stale:  # never trained on: generated again from its prompt
                     self._ready.remove(g)
@@ -233,7 +246,10 @@ class AsyncRun:
         try:
             return await self.stream.update_weights(state, version)
         except Exception as exc:
-            raise RolloutsLost(exc, self._ready, len(self._tasks)) from exc
+            raise self._lost(exc) from exc
+
+    def _lost(self, cause: BaseException) -> RolloutsLost:
+        return RolloutsLost(cause, self._ready, len(self._tasks), self._failed)
 
     async def _train_step(self, step: int) -> StepResult:
         from r1_train.trainer import StepResult, select_for_training
