@@ -76,10 +76,13 @@ class RolloutsLost(RuntimeError):
         failed: list[tuple[int, int]] | None = None,
     ) -> None:
         failed = sorted(failed or [])
-        waiting = ", ".join(f"step {g.step} prompt {g.slot}" for g in ready) or "none"
-        dead = ", ".join(f"step {s} prompt {p}" for s, p in failed) or "none"
+
+        def named(groups: list[tuple[int, int]]) -> str:
+            return ", ".join(f"step {s} prompt {p}" for s, p in groups) or "none"
+
+        waiting = named([(g.step, g.slot) for g in ready])
         super().__init__(
-            f"a rollout failed: {cause!r}. Not trained on: these failed groups: {dead}; "
+            f"a rollout failed: {cause!r}. Not trained on: these failed groups: {named(failed)}; "
             f"{in_flight} group(s) in flight; and these finished groups: {waiting}. Checkpoints "
             "up to the last finished step are kept; resume with run.resume=true"
         )
@@ -123,8 +126,8 @@ class AsyncRun:
         self._ready: list[ReadyGroup] = []
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._failure: BaseException | None = None
-        self._failed: list[tuple[int, int]] = []  # (step, slot) of groups that failed
+        # (step, slot) of each group that failed -> why; the first failure is the run's cause
+        self._failures: dict[tuple[int, int], BaseException] = {}
         self._clock: dict[str, float] = {}
         self.stale_dropped = 0
         self.max_staleness_seen = 0
@@ -213,8 +216,7 @@ class AsyncRun:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the trainer must hear of it, not wait for ever
-            self._failure = exc
-            self._failed.append((step, slot))
+            self._failures.setdefault((step, slot), exc)
             async with self._changed:
                 self._changed.notify_all()
             return
@@ -228,8 +230,8 @@ class AsyncRun:
         tr, need = self.trainer, self.cfg.run.prompts_per_step
         async with self._changed:
             while True:
-                if self._failure is not None:
-                    raise self._lost(self._failure)
+                if self._failures:
+                    raise self._lost(next(iter(self._failures.values())))
                 chosen, stale = pick_groups(self._ready, need, tr.version, self.k)
                 for g in stale:  # never trained on: generated again from its prompt
                     self._ready.remove(g)
@@ -249,7 +251,7 @@ class AsyncRun:
             raise self._lost(exc) from exc
 
     def _lost(self, cause: BaseException) -> RolloutsLost:
-        return RolloutsLost(cause, self._ready, len(self._tasks), self._failed)
+        return RolloutsLost(cause, self._ready, len(self._tasks), list(self._failures))
 
     async def _train_step(self, step: int) -> StepResult:
         from r1_train.trainer import StepResult, select_for_training
