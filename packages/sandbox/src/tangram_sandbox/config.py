@@ -29,6 +29,17 @@ def _default_cache() -> str:
     return os.path.join(base, "tangram-sandbox")
 
 
+def _default_lock_dir() -> str:
+    """Root's pools share one directory, because slot uids are leased host-wide. A rootless
+    pool has no slot uids to share and gets a directory of its own: root's (mode 700) is
+    closed to it, and a pool must never lock in a directory another user made."""
+    if os.geteuid() == 0:
+        return "/tmp/tangram-sandbox-slots"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = runtime if runtime and os.path.isdir(runtime) else "/tmp"
+    return os.path.join(base, f"tangram-sandbox-slots-{os.geteuid()}")
+
+
 class PoolConfig(BaseModel):
     """Settings of a :class:`~tangram_sandbox.pool.SandboxPool`."""
 
@@ -48,7 +59,10 @@ class PoolConfig(BaseModel):
         200_000, ge=1000, description="First uid of the slot range (one uid per worker slot)."
     )
     uid_count: int = Field(4096, ge=1, description="Size of the slot uid range.")
-    lock_dir: str = Field("/tmp/tangram-sandbox-slots", description="Slot uid lock files.")
+    lock_dir: str = Field(
+        default_factory=_default_lock_dir,
+        description="Slot uid lock files; a directory of this uid's own, closed to others.",
+    )
     cache_dir: str = Field(default_factory=_default_cache, description="C++ binaries, per hash.")
     tmp_size_mb: int = Field(256, ge=8, description="Private /tmp (tmpfs) of each execution.")
     cgroups: bool = Field(True, description="Use cgroups for memory and pids when writable.")

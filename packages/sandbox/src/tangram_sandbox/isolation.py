@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 __all__ = [
     "LAYERS",
+    "ZYGOTE_ENV",
     "Capabilities",
     "Layer",
     "capabilities",
@@ -85,6 +86,17 @@ def package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+#: The zygote's whole environment. Why explicit: every Python program is a fork of the zygote
+#: and can read its memory, environment block included, so a zygote that inherited the
+#: server's environment would hand ``TANGRAM_API_TOKEN`` (and every other secret of the
+#: server) to each program. Programs get their own fixed environment on top of this.
+ZYGOTE_ENV: dict[str, str] = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+}
+
+
 def zygote_command(python: str, mode: str, cfg: dict[str, object]) -> list[str]:
     """argv that starts the zygote module (``mode``: a socket fd number, or ``probe``)."""
     src = package_root()
@@ -124,7 +136,9 @@ def capabilities(python: str | None = None, uid: int = 200_000) -> Capabilities:
 
     python = python or default_python()
     cmd = zygote_command(python, "probe", {"uid": uid, "gid": uid})
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, check=False, env=ZYGOTE_ENV
+    )
     try:
         found = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -25,6 +25,7 @@ __all__ = [
     "RunTestsResult",
     "StdinTest",
     "TestVerdict",
+    "check_path",
     "outputs_match",
     "values_match",
 ]
@@ -81,17 +82,57 @@ class Limits(BaseModel):
         return dict(self.model_dump(), cpu_s=self.effective_cpu_s())
 
 
+#: Linux's limits on one path component and on a whole path, in bytes.
+_NAME_MAX = 255
+_PATH_MAX = 4096
+_RESERVED = ("main.py", "main.cpp", "main.sh", "main")
+
+
+def check_path(name: str) -> str:
+    """A file path inside the working directory, or a ``ValueError`` naming what is wrong.
+
+    Strict on purpose: the path must already be in normal form (no ``.``, ``..`` or empty
+    component, no leading ``/``), so that two spellings can never name one file and a bad
+    name is the client's 422, not a failure inside the sandbox that clients would retry."""
+    if not name:
+        raise ValueError("file name must not be empty")
+    if "\x00" in name:
+        raise ValueError(f"file name {name!r} contains a NUL character")
+    if len(name.encode("utf-8", "surrogatepass")) > _PATH_MAX:
+        raise ValueError(f"file name {name[:40]!r}... is longer than {_PATH_MAX} bytes")
+    if name.startswith("/"):
+        raise ValueError(f"file name {name!r} must be relative to the working directory")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(
+                f"file name {name!r} has an empty, '.' or '..' component: "
+                "write the path in normal form, inside the working directory"
+            )
+        if len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX:
+            raise ValueError(f"file name {name!r} has a component longer than {_NAME_MAX} bytes")
+    return name
+
+
 def _check_files(files: dict[str, str]) -> dict[str, str]:
     for name, content in files.items():
-        parts = name.split("/")
-        if not name or name.startswith("/") or ".." in parts:
-            raise ValueError(f"file name {name!r} must be a relative path without '..'")
-        if name in ("main.py", "main.cpp", "main.sh", "main"):
+        check_path(name)
+        if name in _RESERVED:
             raise ValueError(f"file name {name!r} is reserved for the program itself")
         try:
             base64.b64decode(content, validate=True)
         except ValueError as exc:
             raise ValueError(f"file {name!r} is not valid base64: {exc}") from None
+    # A path that is also another path's directory cannot be both a file and a folder.
+    names = set(files)
+    for name in files:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in names:
+                raise ValueError(
+                    f"file names {parent!r} and {name!r} conflict: {parent!r} cannot be both "
+                    "a file and a directory"
+                )
     return files
 
 
@@ -103,6 +144,13 @@ class _CodeRequest(BaseModel):
         default_factory=dict, description="Extra files for the working directory, base64."
     )
     limits: Limits = Field(default_factory=Limits)
+    compile_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="Wall-clock limit of the compile step (compiled languages); defaults to "
+        "the pool's compile_limits.wall_s and is clamped to it.",
+    )
 
     @field_validator("files")
     @classmethod
@@ -117,6 +165,11 @@ class RunRequest(_CodeRequest):
     fetch_files: list[str] = Field(
         default_factory=list, max_length=64, description="Files to return after the run."
     )
+
+    @field_validator("fetch_files")
+    @classmethod
+    def _valid_fetch(cls, names: list[str]) -> list[str]:
+        return [check_path(name) for name in names]
 
 
 class StdinTest(BaseModel):
@@ -171,6 +224,19 @@ class RunResult(BaseModel):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     files: dict[str, str] = Field(default_factory=dict, description="Fetched files, base64.")
+    files_truncated: list[str] = Field(
+        default_factory=list,
+        description="Fetched files larger than the fetch limit: `files` holds their first bytes.",
+    )
+    compiled: bool | None = Field(
+        None,
+        description="Compiled languages: True when the program compiled (a cached binary "
+        "counts); False when the compile step failed or timed out, and then exit_code, stderr "
+        "and wall_s are the compiler's and nothing ran. None where nothing is compiled.",
+    )
+    compile_s: float | None = Field(
+        None, description="Wall seconds of the compile step; 0 when the binary was cached."
+    )
     error: str | None = Field(None, description="Why, for compile and sandbox errors.")
     queue_wait_s: float = 0.0
 

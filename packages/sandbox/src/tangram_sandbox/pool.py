@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -112,7 +113,7 @@ class SandboxPool:
             )
         self._apply = {
             name: caps.available(name)
-            for name in ("slot_uid", "user_ns", "seccomp", "pid_ns", "mount_ns")
+            for name in ("slot_uid", "user_ns", "seccomp", "pid_ns", "mount_ns", "ipc_ns")
         }
         use = {
             "memory": self.config.cgroups and caps.available("cgroup_memory"),
@@ -337,21 +338,29 @@ class SandboxPool:
                 job = self._job_frames(req, limits, stdin=req.stdin)
                 fetch = {"op": "fetch", "names": req.fetch_files, "limit": self._fetch_limit}
                 await worker.send(self._compile_frames(req) + job + wire.encode_json(fetch))
-                compiled = await self._compiled(worker, req.language)
+                step = await self._compile_step(worker, req)
                 raw = await self._read_job(worker, limits)
                 files = await self._read_fetch(worker)
             except WorkerDied as exc:
                 return RunResult(status=RunStatus.SANDBOX_ERROR, error=str(exc), queue_wait_s=wait)
-            if compiled is not None:
-                return compiled.model_copy(update={"queue_wait_s": wait})
+            if step is not None and not step.compiled:
+                return step.model_copy(update={"queue_wait_s": wait})
             result = _to_result(raw, limits)
-            fetched, problems = {}, []
+            fetched, problems, truncated = {}, [], []
             for name, item in files.items():
                 if "content_b64" in item:
                     fetched[name] = item["content_b64"]
+                    if item.get("truncated"):
+                        truncated.append(name)
                 else:
                     problems.append(f"{name}: {item.get('error')}")
-            update: dict[str, Any] = {"files": fetched, "queue_wait_s": wait}
+            update: dict[str, Any] = {
+                "files": fetched,
+                "files_truncated": truncated,
+                "queue_wait_s": wait,
+            }
+            if step is not None:
+                update.update(compiled=True, compile_s=step.compile_s)
             if problems and result.error is None:
                 update["error"] = "could not fetch " + "; ".join(problems)
             return result.model_copy(update=update)
@@ -458,7 +467,7 @@ class SandboxPool:
                 # Without early stop every test runs: send them all, then read the verdicts.
                 head = self._compile_frames(req)
                 await worker.send(head + b"".join(jobs) + end if pipelined else head)
-                compiled = await self._compiled(worker, req.language)
+                compiled = await self._compiled(worker, req)
                 for index, test in enumerate(req.tests):
                     if not pipelined:
                         if compiled is not None:
@@ -521,7 +530,7 @@ class SandboxPool:
         start = 0
         frames = self._compile_frames(req) + self._batch_frames(req, limits, start)
         await worker.send(frames)
-        compiled = await self._compiled(worker, req.language)
+        compiled = await self._compiled(worker, req)
         while True:
             batch_limits = self._batch_limits(limits, total - start)
             raw = await self._read_job(worker, batch_limits, lines=True)
@@ -614,10 +623,15 @@ class SandboxPool:
         if req.language != "cpp":
             return b""
         cfg = self.config
+        # Everything the compiler reads: the compiler itself, its flags, the source and every
+        # file beside it (a header in ``files`` changes the binary as much as the source does).
         key = hashlib.sha256(
-            json.dumps([cfg.cpp_compiler, list(cfg.cpp_flags), req.code]).encode()
+            json.dumps(
+                [_tool_identity(cfg.cpp_compiler), list(cfg.cpp_flags), req.code, req.files],
+                sort_keys=True,
+            ).encode()
         ).hexdigest()
-        limits = cfg.compile_limits
+        limits = self._compile_limits(req)
         argv = [cfg.cpp_compiler, *cfg.cpp_flags, "main.cpp", "-o", "main"]
         meta = {"op": "job", "compile": key, "limits": limits.wire()}
         return self._frames(meta, self._payload(req, limits, argv=argv, stdin=""))
@@ -677,14 +691,36 @@ class SandboxPool:
         end["stderr"] = streams["stderr"].decode("utf-8", "replace")
         return end
 
-    async def _compiled(self, worker: ZygoteWorker, language: str) -> RunResult | None:
-        """Read the compile step's reply (C++); a result when compilation failed."""
-        if language != "cpp":
-            return None
+    def _compile_limits(self, req: RunRequest | RunTestsRequest) -> Limits:
+        """The pool's compile limits, with the wall (and CPU) time lowered to the request's
+        ``compile_timeout_s`` where it asks for less; never raised above the pool's."""
         limits = self.config.compile_limits
-        raw = await self._read_job(worker, limits)
-        if raw.get("compiled"):
+        if req.compile_timeout_s is None:
+            return limits
+        wall = min(req.compile_timeout_s, limits.wall_s)
+        cpu = min(wall, limits.effective_cpu_s())
+        return limits.model_copy(update={"wall_s": wall, "cpu_s": cpu})
+
+    async def _compiled(
+        self, worker: ZygoteWorker, req: RunRequest | RunTestsRequest
+    ) -> RunResult | None:
+        """Read the compile step's reply (C++); a result when compilation failed."""
+        step = await self._compile_step(worker, req)
+        return step if step is not None and not step.compiled else None
+
+    async def _compile_step(
+        self, worker: ZygoteWorker, req: RunRequest | RunTestsRequest
+    ) -> RunResult | None:
+        """The compile step's reply (C++) as a result with ``compiled`` and ``compile_s`` set
+        (callers such as SandboxFusion's ``compile_result`` report a success too); None for
+        languages without one."""
+        if req.language != "cpp":
             return None
+        limits = self._compile_limits(req)
+        raw = await self._read_job(worker, limits)
+        wall_s = raw.get("wall_s", 0.0)
+        if raw.get("compiled"):
+            return RunResult(status=RunStatus.OK, compiled=True, compile_s=wall_s)
         if "sandbox_error" in raw:
             raise WorkerDied(raw["sandbox_error"])
         status = RunStatus.TIMEOUT if raw.get("timed_out") else RunStatus.COMPILE_ERROR
@@ -692,8 +728,10 @@ class SandboxPool:
             status=status,
             stderr=raw.get("stderr", ""),
             exit_code=raw.get("exit_code"),
-            wall_s=raw.get("wall_s", 0.0),
+            wall_s=wall_s,
             cpu_s=raw.get("cpu_s", 0.0),
+            compiled=False,
+            compile_s=wall_s,
             error="compilation failed" if status is RunStatus.COMPILE_ERROR else "compile timeout",
         )
 
@@ -767,6 +805,18 @@ def _annotate(
         span.set_status(Status(StatusCode.ERROR, status.value))
 
 
+@functools.cache
+def _tool_identity(path: str) -> list[object]:
+    """A compiler as the cache key sees it: the file it resolves to, and that file's size and
+    change time, so that an upgraded compiler never serves binaries built by the old one."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return [real]
+    return [real, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def _not_compiled(compiled: RunResult, total: int, wait: float) -> RunTestsResult:
     """A batch whose program never compiled: no test ran, so no verdicts."""
     return RunTestsResult(
@@ -796,6 +846,12 @@ def _classify(raw: dict[str, Any], limits: Limits) -> tuple[RunStatus, str | Non
         0.9 * limits.effective_cpu_s()
     ):
         return RunStatus.TIMEOUT, f"CPU-time limit of {limits.effective_cpu_s():g} s exceeded"
+    if raw.get("killed_outside"):
+        return RunStatus.SANDBOX_ERROR, (
+            "the program's process was killed with SIGKILL from outside the sandbox (not by "
+            "the program, its limits or the pool; an operator, or the host out of memory): "
+            "an infrastructure failure, retry it"
+        )
     if side.get("compile_error") and code != 0:
         return RunStatus.COMPILE_ERROR, "syntax error"
     if code == 0:

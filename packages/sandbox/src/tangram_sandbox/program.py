@@ -54,13 +54,26 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     _sys.set_pdeathsig(signal.SIGKILL)
     os.setsid()
     apply = cfg["apply"]
-    _sys.unshare(_sys.CLONE_NEWNS)
+    # A fresh IPC namespace per execution, not per worker: SysV shared memory, semaphores and
+    # message queues, and POSIX message queues, outlive the process that made them, so with
+    # one namespace per worker the next run could read them and pay their memory charge.
+    # They are destroyed with the namespace, when this program's last process is gone.
+    fresh_ipc = _sys.CLONE_NEWIPC if apply.get("ipc_ns") else 0
+    _sys.unshare(_sys.CLONE_NEWNS | fresh_ipc)
     nosuid = _sys.MS_NOSUID | _sys.MS_NODEV
     _sys.mount("tmpfs", "/tmp", "tmpfs", nosuid, f"size={int(cfg['tmp_size_mb'])}m,mode=1777")
     if os.path.isdir("/dev/shm"):
         _sys.mount("tmpfs", "/dev/shm", "tmpfs", nosuid, "size=64m,mode=1777")
+    if fresh_ipc and os.path.isdir("/dev/mqueue"):  # the host's queue names, else
+        _sys.mount("mqueue", "/dev/mqueue", "mqueue", nosuid | _sys.MS_NOEXEC)
     if apply["pid_ns"]:  # a /proc that shows this pid namespace only
         _sys.mount("proc", "/proc", "proc", nosuid | _sys.MS_NOEXEC)
+    if fresh_ipc:
+        # Orphaned SysV shared memory is destroyed as its last process exits, not later with
+        # the namespace (an RCU-deferred work item): the slot's memory charge is gone before
+        # the next run starts. Per IPC namespace; best effort where /proc is read-only.
+        with contextlib.suppress(OSError), open("/proc/sys/kernel/shm_rmid_forced", "w") as f:
+            f.write("1")
     os.mkdir(WORKDIR, 0o700)
     if apply["slot_uid"]:
         os.chown(WORKDIR, cfg["uid"], cfg["gid"])

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from tangram_sandbox import wire
 from tangram_sandbox.config import PoolConfig
-from tangram_sandbox.isolation import cgroup_root, package_root, zygote_command
+from tangram_sandbox.isolation import ZYGOTE_ENV, cgroup_root, package_root, zygote_command
 
 __all__ = ["Slot", "SlotLeases", "WorkerDied", "ZygoteWorker"]
 
@@ -43,6 +43,15 @@ class SlotLeases:
         self._config = config
         self._use = use_cgroups
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
+        # Checked here, at the pool's start: a lease that fails later fails every worker start.
+        # Another user's directory would let that user hold our slots, or plant links there.
+        info = os.stat(config.lock_dir)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise PermissionError(
+                f"the slot lock dir {config.lock_dir} belongs to uid {info.st_uid} with mode "
+                f"{info.st_mode & 0o777:o}; it must be this uid's ({os.geteuid()}) and writable "
+                "by it alone: set PoolConfig.lock_dir to a directory of your own"
+            )
         self.held: dict[int, Slot] = {}
 
     def acquire(self) -> Slot:
@@ -133,6 +142,7 @@ class ZygoteWorker:
         proc = subprocess.Popen(
             cmd,
             pass_fds=(child.fileno(),),
+            env=ZYGOTE_ENV,  # never the server's: see ZYGOTE_ENV
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=errlog,

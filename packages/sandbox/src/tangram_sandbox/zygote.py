@@ -43,7 +43,6 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from tangram_sandbox import _sys, seccomp, wire
@@ -79,6 +78,9 @@ _PRELOAD = [
     "unicodedata",
 ]
 _LEN = struct.Struct(">I")
+#: How the zygote opens a program's files: never through a link, never blocking on a FIFO.
+_READ_BENEATH = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_BENEATH = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 # --- worker start-up ------------------------------------------------------------------------------
@@ -129,6 +131,27 @@ def _enter_worker_namespaces(cfg: dict[str, Any]) -> dict[str, Any]:
     if layers["uts_ns"] is True:
         _sys.sethostname("sandbox")
     return layers
+
+
+def _own_pid_namespace() -> None:
+    """Rootless: carry on as pid 1 of a pid namespace that our user namespace owns.
+
+    Why: every program gets a fresh pid namespace, and between two the zygote must go back to
+    its own (``unshare(CLONE_NEWPID)`` works only from the active one). ``setns`` into the
+    host's pid namespace needs CAP_SYS_ADMIN over the host's user namespace, which a rootless
+    zygote lacks, so the second execution of every worker failed. So we fork: the child is
+    the zygote from here on, with a ``/proc`` of its namespace (pids from ``fork`` and pids in
+    ``/proc`` must agree); the parent, the process the pool started and watches, holds
+    nothing, waits and exits with it. The child dies with the parent (parent-death signal),
+    and as its namespace's pid 1 takes every program with it."""
+    _sys.unshare(_sys.CLONE_NEWPID)
+    child = os.fork()
+    if child:
+        os.closerange(3, 1 << 16)  # the socket is the child's alone: its exit is end-of-stream
+        code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        os._exit(code if code >= 0 else 128 - code)
+    _sys.set_pdeathsig(signal.SIGKILL)
+    _sys.mount("proc", "/proc", "proc", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC)
 
 
 def _preload() -> None:
@@ -220,6 +243,34 @@ def _available(fd: int) -> int:
 # --- the zygote -----------------------------------------------------------------------------------
 
 
+class _Files:
+    """A program's working directory, held by descriptor from before its code runs.
+
+    Why a descriptor taken early: the zygote reads and writes a program's files as root, and
+    every name under ``/tmp`` is the program's to rename or replace with a symlink (to
+    ``/etc``, say). Opened through ``/proc/PID/root`` while P has run only our set-up code, the
+    descriptor names the tmpfs directory P made, whatever the program later does to the path;
+    every file is then opened beneath it one component at a time with ``O_NOFOLLOW``, so no
+    name the program controls is ever resolved with the zygote's privileges. A program cannot
+    mount (seccomp, and no capability over its mount namespace), so nothing beneath the
+    descriptor leaves its tmpfs. The mount namespace is held too, so that tearing it down
+    happens when we let go, off the critical path."""
+
+    def __init__(self, pid: int) -> None:
+        self.mnt = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self.work = os.open(f"/proc/{pid}/root{WORKDIR}", flags)
+        except OSError:
+            os.close(self.mnt)
+            raise
+
+    def close(self) -> None:
+        for fd in (self.work, self.mnt):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class _Spare:
     """A program process waiting for its job, and the zygote's ends of its pipes."""
 
@@ -250,18 +301,18 @@ class _Spare:
         self.out, self.err, self.side, self.go = out_r, err_r, side_r, go_w
         self.status = status_r  # P's trusted channel (see program.STATUS_FD)
         self.failure: str | None = None
-        self.mnt: int | None = None
+        self.files: _Files | None = None
 
     def wait_ready(self) -> bool:
-        """Block until P has its mounts; then hold its mount namespace (for files in and out,
-        and so that tearing it down happens when we let go, off the critical path)."""
-        if self.mnt is None:
+        """Block until P has its mounts; then take hold of its working directory (see
+        :class:`_Files`) while only our code has run there."""
+        if self.files is None:
             first = os.read(self.status, 1)
             if first != b"r":
                 rest = os.read(self.status, 4096) if first else b""
                 self.failure = rest.decode(errors="replace") or "it died while starting"
                 return False
-            self.mnt = os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY)
+            self.files = _Files(self.pid)
         return True
 
     def close_pipes(self) -> None:
@@ -276,12 +327,12 @@ class _Zygote:
         self.fd = sock.fileno()
         self.cfg = cfg
         self.devnull = os.open(os.devnull, os.O_RDONLY)
-        self.own_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+        self.null_w = os.open(os.devnull, os.O_WRONLY)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pid_ns_used = False
         self.cache = cfg["cache_fd"]
         self.spare: _Spare | None = None
-        self.last_mnt: int | None = None  # the finished program's files, until the fetch
+        self.last_files: _Files | None = None  # the finished program's, until the fetch
         self.binary: str | None = None  # the request's compiled program (cache key)
         self.compile_failed = False
 
@@ -289,15 +340,6 @@ class _Zygote:
 
     def send(self, obj: Any) -> None:
         wire.write_all(self.fd, wire.encode_json(obj))
-
-    @contextlib.contextmanager
-    def _in_mount_ns(self, ns: int) -> Iterator[None]:
-        """Work in another mount namespace (a program's files), then come back to ours."""
-        _sys.setns(ns, _sys.CLONE_NEWNS)
-        try:
-            yield
-        finally:
-            _sys.setns(self.own_mnt, _sys.CLONE_NEWNS)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -366,9 +408,9 @@ class _Zygote:
         os.close(spare.go)
         self.spare = _Spare(self)  # forks now, while the program runs on the other core
         end = self._watch(spare, limits, start, ooms_before, usage_before)
-        if self.last_mnt is not None:
-            os.close(self.last_mnt)
-        self.last_mnt, spare.mnt = spare.mnt, None
+        if self.last_files is not None:
+            self.last_files.close()
+        self.last_files, spare.files = spare.files, None
         if compile_key is not None:
             ok = end["exit_code"] == 0 and not end["timed_out"]
             self.compile_failed = not ok
@@ -437,8 +479,15 @@ class _Zygote:
                     room[kind] -= take
                 if n and take == n:
                     continue
-                # End of stream, or over the cap: stop reading (the writer then gets EPIPE).
-                truncated[kind] = bool(n)
+                if n and kind != wire.SIDE:
+                    # Over the cap: keep the first bytes, drop the rest, and let the program
+                    # run on (as SandboxFusion does): a broken pipe would fail a program whose
+                    # only fault is talking too much.
+                    truncated[kind] = True
+                    _splice_exact(key.fd, self.null_w, n - take)
+                    continue
+                # End of stream (or the side channel over its cap): stop reading.
+                truncated[kind] = truncated[kind] or bool(n)
                 sel.unregister(key.fd)
                 os.close(key.fd)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -447,6 +496,20 @@ class _Zygote:
         if not started:
             why = setup_error or f"it died before the program started ({status=})"
             extra["sandbox_error"] = f"program set-up failed: {why}"
+        elif (
+            status is not None
+            and not timed_out
+            and self.cfg["apply"]["pid_ns"]
+            and os.WIFSIGNALED(status)
+            and os.WTERMSIG(status) == signal.SIGKILL
+        ):
+            # P is pid 1 of its namespace, and the kernel drops a SIGKILL sent to a namespace's
+            # init from inside it: neither the program nor its children can have sent this
+            # one. It came from the kernel (an OOM kill, or RLIMIT_CPU's hard limit, which the
+            # pool tells apart by the cgroup's count and the CPU time) or from outside the
+            # sandbox (an operator, another supervisor): the pool reports the latter as the
+            # infrastructure's failure, never as the program crashing.
+            extra["killed_outside"] = True
         return {
             **extra,
             "type": "end",
@@ -464,9 +527,8 @@ class _Zygote:
 
     def _copy_binary_out(self, key: str) -> None:
         """The compiler's output, from the finished program's tmpfs into the (root-only) cache."""
-        assert self.last_mnt is not None
-        with self._in_mount_ns(self.last_mnt):
-            src = os.open(f"{WORKDIR}/main", os.O_RDONLY | os.O_NOFOLLOW)
+        assert self.last_files is not None
+        src = os.open("main", _READ_BENEATH, dir_fd=self.last_files.work)
         try:
             size = os.fstat(src).st_size
             if not stat.S_ISREG(os.fstat(src).st_mode):
@@ -482,13 +544,12 @@ class _Zygote:
             os.close(src)
 
     def _copy_binary_in(self, spare: _Spare) -> None:
-        assert spare.mnt is not None
+        assert spare.files is not None
         assert self.binary is not None
-        src = os.open(self.binary, os.O_RDONLY, dir_fd=self.cache)
+        src = os.open(self.binary, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.cache)
         try:
-            with self._in_mount_ns(spare.mnt):
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                dst = os.open(f"{WORKDIR}/main", flags, 0o755)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            dst = os.open("main", flags, 0o755, dir_fd=spare.files.work)
             try:
                 _sendfile_all(dst, src, os.fstat(src).st_size)
                 if self.cfg["apply"]["slot_uid"]:
@@ -504,10 +565,9 @@ class _Zygote:
     def _fetch(self, names: list[str], limit: int) -> None:
         """Send the named files of the last program (never following links), then let its
         filesystem go: this is also how a request ends."""
-        if self.last_mnt is not None:
-            with self._in_mount_ns(self.last_mnt):
-                opened = [(name, *_open_beneath(name)) for name in names]
-            for name, fd, error in opened:
+        if self.last_files is not None:
+            for name in names:
+                fd, error = _open_beneath(self.last_files.work, name)
                 if fd is None:
                     self.send({"type": "file", "name": name, "error": error})
                     continue
@@ -516,11 +576,13 @@ class _Zygote:
                     take = min(size, limit)
                     self.send({"type": "file", "name": name, "truncated": size > limit})
                     wire.write_all(self.fd, wire.TYPED_HEADER.pack(wire.FILE, take))
-                    _sendfile_all(self.fd, fd, take)
+                    sent = _sendfile_all(self.fd, fd, take)
+                    if sent < take:  # it shrank under us: keep the frame whole
+                        wire.write_all(self.fd, bytes(take - sent))
                 finally:
                     os.close(fd)
-            os.close(self.last_mnt)
-            self.last_mnt = None
+            self.last_files.close()
+            self.last_files = None
         else:
             for name in names:
                 self.send({"type": "file", "name": name, "error": "no program ran"})
@@ -528,38 +590,43 @@ class _Zygote:
         self.send({"type": "fetched"})
 
 
-def _open_beneath(name: str) -> tuple[int | None, str | None]:
-    """Open ``WORKDIR/name`` for reading, refusing links at every step and non-regular files."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts or name.startswith("/"):
+def _open_beneath(work: int, name: str) -> tuple[int | None, str | None]:
+    """Open ``name`` beneath the held working directory ``work`` (see :class:`_Files`) for
+    reading: one component at a time, refusing links at every step and non-regular files.
+
+    The pool validates names before they get here; the checks are repeated because this is
+    the privileged side, which trusts no name."""
+    parts = name.split("/")
+    if not name or "\x00" in name or any(p in ("", ".", "..") for p in parts):
         return None, "must be a relative path inside the working dir"
-    try:
-        dir_fd = os.open(WORKDIR, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        return None, exc.strerror or str(exc)
+    dir_fd = work
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-            os.close(dir_fd)
+            nxt = os.open(part, _DIR_BENEATH, dir_fd=dir_fd)
+            if dir_fd != work:
+                os.close(dir_fd)
             dir_fd = nxt
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        fd = os.open(parts[-1], _READ_BENEATH, dir_fd=dir_fd)
     except OSError as exc:
         return None, exc.strerror or str(exc)
     finally:
-        os.close(dir_fd)
+        if dir_fd != work:
+            os.close(dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         return None, "not a regular file"
     return fd, None
 
 
-def _sendfile_all(out_fd: int, in_fd: int, n: int) -> None:
+def _sendfile_all(out_fd: int, in_fd: int, n: int) -> int:
+    """Copy up to ``n`` bytes in the kernel; how many were copied (fewer at end of file)."""
     offset = 0
     while offset < n:
         sent = os.sendfile(out_fd, in_fd, offset, n - offset)
         if sent == 0:
             break
         offset += sent
+    return offset
 
 
 def _kill(pid: int) -> None:
@@ -578,6 +645,7 @@ def probe(cfg: dict[str, Any]) -> dict[str, Any]:
 
     Each layer is ``True`` or the error that stopped it, so that a report says *why* a layer
     is missing (no user namespaces allowed, no cgroup write access, unknown architecture)."""
+    host_root = os.geteuid() == 0  # asked now: inside a rootless user namespace we are uid 0
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -586,6 +654,9 @@ def probe(cfg: dict[str, Any]) -> dict[str, Any]:
         try:
             found.update(_enter_worker_namespaces(dict(cfg, cache_dir=None, cgroup_dirs={})))
             try:
+                if found.get("worker_user_ns") is True:
+                    _own_pid_namespace()  # as the zygote does
+                own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
                 _sys.unshare(_sys.CLONE_NEWPID)
                 found["pid_ns"] = True
             except OSError as exc:
@@ -598,7 +669,7 @@ def probe(cfg: dict[str, Any]) -> dict[str, Any]:
                     got["private_tmp"] = True
                 except OSError as exc:
                     got["private_tmp"] = str(exc)
-                if os.geteuid() == 0 and cfg.get("uid") is not None:
+                if host_root and cfg.get("uid") is not None:
                     try:
                         os.setgroups([])
                         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
@@ -622,6 +693,12 @@ def probe(cfg: dict[str, Any]) -> dict[str, Any]:
                 os.write(w, json.dumps(got).encode())
                 os._exit(0)
             os.waitpid(inner, 0)
+            if found["pid_ns"] is True:  # and a fresh one for the next execution, as _Spare does
+                try:
+                    _sys.setns(own_pid_ns, _sys.CLONE_NEWPID)
+                    _sys.unshare(_sys.CLONE_NEWPID)
+                except OSError as exc:
+                    found["pid_ns"] = f"one pid namespace, but not a second: {exc}"
         except BaseException as exc:
             found["probe_error"] = repr(exc)
         os.write(w, b"\n" + json.dumps(found).encode())
@@ -657,6 +734,8 @@ def main() -> None:
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     layers = _enter_worker_namespaces(cfg)
+    if layers.get("worker_user_ns") is True and cfg["apply"]["pid_ns"]:
+        _own_pid_namespace()
     cfg["cache_fd"] = os.open(cfg["cache_dir"], os.O_RDONLY | os.O_DIRECTORY)
     cfg["apply"]["mount_ns"] = layers.get("mount_ns") is True
     zygote = _Zygote(sock, cfg)
