@@ -139,7 +139,7 @@ def test_missing_or_wrong_token_gets_401_and_no_work(servers: Servers) -> None:
     bodies = {
         "/run": {"code": "print(1)"},
         "/run_tests": {"code": "print(1)", "tests": [{"expected_stdout": "1"}]},
-        "/run_code": {"code": "print(1)"},
+        "/run_code": {"code": "print(1)", "language": "python"},
     }
     for path, body in bodies.items():
         for headers in ({}, {"Authorization": "Bearer not-the-token-0000000000"}, {"X": "y"}):
@@ -169,16 +169,17 @@ def test_oversized_body_gets_413_naming_the_limit(servers: Servers) -> None:
 
 def test_bad_fields_get_422_naming_the_field_and_rule(servers: Servers) -> None:
     url = servers.urls["open"]
+    py = {"code": "1", "language": "python"}  # SandboxFusion requires the language
     cases = [
         ("/run", {"code": "1", "colour": "red"}, "colour", "Extra inputs are not permitted"),
         ("/run", {"code": 5}, "code", "valid string"),
         ("/run", {"code": "1", "limits": {"wall_s": -1}}, "wall_s", "greater than 0"),
         ("/run", {"code": "1", "limits": {"memory_mb": 8}}, "memory_mb", "greater than or equal"),
         ("/run", {"code": "x" * (API.max_code_chars + 1)}, "code", "max_code_chars=20000"),
-        ("/run_code", {"code": "1", "memory_limit_MB": 0}, "memory_limit_MB", "-1"),
-        ("/run_code", {"code": "1", "memory_limit_MB": -7}, "memory_limit_MB", "greater than"),
-        ("/run_code", {"code": "1", "run_timeout": 0}, "run_timeout", "greater than 0"),
-        ("/run_code", {"code": "1", "files": {"../x": "eA=="}}, "files", "without '..'"),
+        ("/run_code", {**py, "memory_limit_MB": 0}, "memory_limit_MB", "-1"),
+        ("/run_code", {**py, "memory_limit_MB": -7}, "memory_limit_MB", "greater than"),
+        ("/run_code", {**py, "run_timeout": 0}, "run_timeout", "greater than 0"),
+        ("/run_code", {**py, "files": {"../x": "eA=="}}, "files", "'..' component"),
         ("/run_tests", {"code": "1", "tests": []}, "tests", "at least 1"),
         (
             "/run_tests",
@@ -211,7 +212,12 @@ def test_limits_are_clamped_and_output_is_truncated_and_flagged(servers: Servers
         assert loud["stdout_truncated"] is True
         fusion = c.post(
             servers.urls["open"] + "/run_code",
-            json={"code": "print('y' * 5000)", "run_timeout": 1e9, "memory_limit_MB": 10**9},
+            json={
+                "code": "print('y' * 5000)",
+                "language": "python",
+                "run_timeout": 1e9,
+                "memory_limit_MB": 10**9,
+            },
         ).json()
         assert fusion["run_result"]["stdout_truncated"] is True
         assert len(fusion["run_result"]["stdout"]) <= API.max_output_bytes
@@ -368,7 +374,7 @@ bad_tests = st.one_of(
 VALID = {
     "/run": {"code": "print(1)"},
     "/run_tests": {"code": "print(1)", "tests": [{"expected_stdout": "1"}]},
-    "/run_code": {"code": "print(1)"},
+    "/run_code": {"code": "print(1)", "language": "python"},
 }
 BAD_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "/run": {

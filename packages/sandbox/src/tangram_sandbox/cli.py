@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tangram_core.http_guard import GuardConfig, TokenError, check_bind, load_token
     from tangram_sandbox.config import PoolConfig
     from tangram_sandbox.models import Limits
-    from tangram_sandbox.server import ApiLimits, build_app
+    from tangram_sandbox.server import ApiLimits, build_app, parse_networks
 
     max_workers = max(args.workers, args.max_workers or 0)
     in_flight = args.max_in_flight or 4 * max_workers
@@ -35,6 +35,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         token = load_token(args.token_file)
         check_bind(args.host, token, service="tangram-sandbox")
+        networks = parse_networks(
+            part for value in args.allow_network for part in value.split(",") if part.strip()
+        )
         guard = GuardConfig(
             max_body_bytes=args.max_body_bytes,
             max_in_flight=in_flight,
@@ -60,13 +63,19 @@ def _serve(args: argparse.Namespace) -> int:
         kind = "token" if isinstance(exc, TokenError) else "configuration"
         print(f"tangram-sandbox serve: {kind} error: {exc}", file=sys.stderr)
         return 2
+    log = logging.getLogger("tangram_sandbox")
     if token is None:
-        logging.getLogger("tangram_sandbox").warning(
+        log.warning(
             "serving on %s without a token: any local user can run code here; set "
             "TANGRAM_API_TOKEN or pass --token-file to require one",
             args.host,
         )
-    app = build_app(config=config, token=token, guard=guard, api=api)
+        if networks:
+            log.warning("--allow-network has no effect without a token: every route is open here")
+    for network in networks:
+        if not network.is_private:
+            log.warning("--allow-network %s is not a private network", network)
+    app = build_app(config=config, token=token, guard=guard, api=api, allow_networks=networks)
     # Shutdown drains: uvicorn stops accepting, waits for in-flight requests (each bounded
     # by the clamped wall limit plus the queue wait), then the pool drains its workers.
     drain_s = int(args.max_wall_s + args.queue_timeout_s + config.grace_s)
@@ -77,6 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_level="info",
         timeout_graceful_shutdown=drain_s,
         limit_concurrency=in_flight + max_queue + 64,
+        # Clients are told apart (and allowed in by network) by their peer address only: an
+        # X-Forwarded-For header from a local process must not pick another address.
+        proxy_headers=False,
     )
     return 0
 
@@ -124,7 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         help="file (mode 600) holding the bearer token; else $TANGRAM_API_TOKEN or "
         "$TANGRAM_API_TOKEN_FILE. There is no option for the token itself (ps shows it).",
     )
-    limits = serve.add_argument_group("limits (over a limit: 413, 422, 429 or 503)")
+    serve.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="clients in this network (e.g. 10.0.0.0/8; repeat, or separate with commas) may "
+        "call SandboxFusion's /run_code without the token, as verl does; every other route and "
+        "client still needs it. Default: none",
+    )
+    limits = serve.add_argument_group(
+        "limits (over a limit: 413, 422, 429 or 503; 504 on SandboxFusion's /run_code)"
+    )
     limits.add_argument("--max-body-bytes", type=int, default=8 << 20)
     limits.add_argument("--max-code-chars", type=int, default=1 << 20)
     limits.add_argument("--max-tests", type=int, default=1000, help="test cases per request")

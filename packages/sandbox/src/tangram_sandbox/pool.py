@@ -650,7 +650,11 @@ class SandboxPool:
             job["argv"] = [self.config.bash, _SOURCE["bash"]]
         if fn is not None:
             job["fn"] = fn
-        meta = {"op": "job", "limits": limits.wire(), "binary": req.language == "cpp"}
+        meta = {
+            "op": "job",
+            "limits": limits.wire(),
+            "binary": req.language == "cpp",
+        }
         return self._frames(meta, self._payload(req, limits, **job))
 
     def _test_frames(self, req: RunTestsRequest, limits: Limits, test: Any) -> bytes:
