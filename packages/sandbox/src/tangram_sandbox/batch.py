@@ -3,7 +3,7 @@
 Why: creating a sandbox (a fork, namespaces, mounts, then exit) costs milliseconds of CPU on a
 VM, far more than running a typical test case. In a batch, one program process runs every
 test of a request in turn: Python tests in this warm interpreter with fresh ``__main__``
-globals and fresh stdin/stdout each time; C++ and bash tests each in a child spawned with
+globals and fresh stdin/stdout each time; tests of every other language each in a child spawned with
 ``posix_spawn`` (vfork-fast), in its own session so that a timeout kills it and its children.
 
 What a batch shares that ``isolation="per_test"`` does not: the working directory, the

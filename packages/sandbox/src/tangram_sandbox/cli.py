@@ -8,14 +8,20 @@ import json
 import sys
 from pathlib import Path
 
+from tangram_sandbox.languages import LANGUAGES
+
 __all__ = ["main"]
 
 
 def _capabilities(args: argparse.Namespace) -> int:
+    from tangram_sandbox.config import PoolConfig
     from tangram_sandbox.isolation import capabilities
+    from tangram_sandbox.languages import table
 
     caps = capabilities()
     print(caps.model_dump_json(indent=2) if args.json else caps.table())
+    if not args.json:
+        print(table(PoolConfig()))
     return 1 if args.strict and caps.missing() else 0
 
 
@@ -94,13 +100,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tangram_sandbox.languages import EXTENSIONS
     from tangram_sandbox.models import RunStatus
     from tangram_sandbox.pool import SandboxPool
 
     path = Path(args.file)
-    language = args.language or {".py": "python", ".cpp": "cpp", ".sh": "bash"}.get(
-        path.suffix, "python"
-    )
+    language = args.language or EXTENSIONS.get(path.suffix, "python")
 
     async def go() -> int:
         async with SandboxPool(min_workers=1, max_workers=1) as pool:
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
     run = sub.add_parser("run", help="run one file in a sandbox (stdin from ours)")
     run.add_argument("file")
-    run.add_argument("--language", choices=["python", "cpp", "bash"])
+    run.add_argument("--language", choices=LANGUAGES)
     run.set_defaults(func=_run)
     args = parser.parse_args(argv)
     code: int = args.func(args)

@@ -8,13 +8,20 @@ the zygote uses) is the only answer that cannot drift from what the pool will re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import pwd
 import subprocess
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from tangram_sandbox.config import PoolConfig
 
 __all__ = [
     "LAYERS",
@@ -24,6 +31,7 @@ __all__ = [
     "capabilities",
     "cgroup_root",
     "package_root",
+    "rootless_hidden",
     "zygote_command",
 ]
 
@@ -78,7 +86,51 @@ class Capabilities(BaseModel):
         for layer in self.layers:
             mark = "yes" if layer.available else "NO "
             rows.append(f"  {layer.name:<{width}}  {mark}  {layer.detail}")
-        return "\n".join(rows)
+        return "\n".join(rows + self.rootless_notes())
+
+    def rootless_notes(self) -> list[str]:
+        """What running without root means here, from the layers found; empty as root.
+
+        Why spelled out: "slot_uid NO" says what is missing, not what still keeps one
+        execution from the next, nor what the user must do about the rest (README,
+        "Rootless", has the measured table)."""
+        if self.euid == 0:
+            return []
+        uid = self.euid
+        held = [la.name for la in self.layers if la.available and la.name not in _ALWAYS]
+        notes = [f"rootless (euid {uid}); these layers hold: {', '.join(held) or 'none'}"]
+        if not self.available("slot_uid"):
+            apart = [
+                what
+                for name, what in (
+                    ("pid_ns", "its own pid namespace (it can neither see nor signal the rest)"),
+                    ("mount_ns", "a fresh /tmp, /dev/shm and working dir"),
+                    ("ipc_ns", "its own IPC namespace"),
+                    ("seccomp", "seccomp"),
+                )
+                if self.available(name)
+            ]
+            notes.append(
+                f"slot_uid degrades: every program runs as uid {uid}, the pool's own. What keeps "
+                "an execution from the next and from the pool: "
+                f"{', '.join(apart) or 'nothing'}; not file permissions. A program may read "
+                f"what uid {uid} may read, except the home directory, the runtime dir and the "
+                "pool's cache and lock dirs, which it finds empty: keep secrets (the server's "
+                f"token file too) in the home directory. It keeps uid {uid}'s groups: run as a "
+                "user in none that grants anything (docker, say)."
+            )
+        if not self.available("cgroup_memory"):
+            notes.append(
+                "cgroup_memory degrades: memory is limited per process (RLIMIT_AS), not per "
+                "execution: a program of N processes may use N times its memory limit."
+            )
+        if not self.available("cgroup_pids"):
+            notes.append(
+                "cgroup_pids degrades: processes are limited per execution by RLIMIT_NPROC, "
+                "which Linux (5.14 and later) counts in each execution's own user namespace."
+            )
+        wrap = functools.partial(textwrap.wrap, width=96, subsequent_indent="    ")
+        return [notes[0]] + [line for note in notes[1:] for line in wrap(note, initial_indent="  ")]
 
 
 def package_root() -> str:
@@ -105,6 +157,35 @@ def zygote_command(python: str, mode: str, cfg: dict[str, object]) -> list[str]:
         "from tangram_sandbox.zygote import main; main()"
     )
     return [python, "-I", "-c", boot, mode, json.dumps(cfg), src]
+
+
+def rootless_hidden(config: PoolConfig) -> list[str]:
+    """The directories a rootless pool's programs find empty (a read-only tmpfs over each).
+
+    Why: without slot uids a program runs as the pool's own uid, and the read-only root stops
+    its writes, not its reads: it could read the server's token file, the user's keys, and
+    every program in the compile cache, and write there (the cache is the zygote's writable
+    hole) to poison a later run. So the home directory, the runtime dir (the user's systemd
+    and D-Bus sockets) and the pool's own state are hidden. A directory that holds what
+    programs need (the interpreter's prefix, the compiler, bash) stays visible."""
+    home = [os.path.expanduser("~")]
+    with contextlib.suppress(KeyError):
+        home.append(pwd.getpwuid(os.geteuid()).pw_dir)
+    runtime = [os.environ.get("XDG_RUNTIME_DIR", ""), f"/run/user/{os.geteuid()}"]
+    needed = [
+        *("/bin", "/dev", "/etc", "/lib", "/lib64", "/proc", "/tmp", "/usr"),  # HOME=/tmp, say
+        os.path.dirname(os.path.dirname(os.path.realpath(config.python))),
+        os.path.dirname(os.path.realpath(config.cpp_compiler)),
+        os.path.dirname(os.path.realpath(config.bash)),
+    ]
+    hidden: list[str] = []
+    for path in [*home, *runtime, config.cache_dir, config.lock_dir]:
+        path = os.path.realpath(path) if os.path.isabs(path) else ""
+        if not path or path == "/" or path in hidden or not os.path.isdir(path):
+            continue
+        if not any(n == path or n.startswith(path + "/") for n in needed):
+            hidden.append(path)
+    return hidden
 
 
 def cgroup_root() -> dict[str, str]:

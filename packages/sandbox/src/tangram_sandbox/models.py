@@ -30,7 +30,8 @@ __all__ = [
     "values_match",
 ]
 
-Language = Literal["python", "cpp", "bash"]
+#: SandboxFusion's names; how each compiles and runs is in :mod:`tangram_sandbox.languages`.
+Language = Literal["python", "cpp", "c", "java", "nodejs", "typescript", "go", "rust", "bash"]
 
 
 class RunStatus(enum.StrEnum):
@@ -85,7 +86,20 @@ class Limits(BaseModel):
 #: Linux's limits on one path component and on a whole path, in bytes.
 _NAME_MAX = 255
 _PATH_MAX = 4096
-_RESERVED = ("main.py", "main.cpp", "main.sh", "main")
+#: The programs' own files: each language's source (Java's default), and ``main``, the output
+#: of a compile step.
+_RESERVED = (
+    "main.py",
+    "main.cpp",
+    "main.c",
+    "Main.java",
+    "main.js",
+    "main.ts",
+    "main.go",
+    "main.rs",
+    "main.sh",
+    "main",
+)
 
 
 def check_path(name: str) -> str:
@@ -199,8 +213,8 @@ class RunTestsRequest(_CodeRequest):
     isolation: Literal["batch", "per_test"] = Field(
         "batch",
         description="'batch': one sandbox runs every test in turn (Python tests with fresh "
-        "globals in one warm interpreter, C++/bash tests as child processes), several times "
-        "faster; 'per_test': a fresh sandbox (process, namespaces, /tmp) for each test.",
+        "globals in one warm interpreter, other languages' tests as child processes), several "
+        "times faster; 'per_test': a fresh sandbox (process, namespaces, /tmp) for each test.",
     )
     rel_tol: float = Field(1e-6, ge=0, le=1)
 

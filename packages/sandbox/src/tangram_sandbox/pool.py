@@ -12,7 +12,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
@@ -31,6 +30,7 @@ from tangram_core.telemetry import get_tracer
 from tangram_sandbox import wire
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.isolation import Capabilities, capabilities
+from tangram_sandbox.languages import language_spec, out_of_memory
 from tangram_sandbox.models import (
     CallTest,
     Limits,
@@ -49,7 +49,6 @@ __all__ = ["QueueFull", "SandboxPool", "SandboxUnavailable"]
 
 logger = logging.getLogger(__name__)
 _MAX_START_FAILURES = 3
-_SOURCE = {"python": "main.py", "cpp": "main.cpp", "bash": "main.sh"}
 
 
 class SandboxUnavailable(RuntimeError):
@@ -590,12 +589,10 @@ class SandboxPool:
             else:
                 tests.append({"stdin": test.stdin})
         batch_limits = self._batch_limits(limits, len(tests))
+        spec = language_spec(req.language, self.config)
         job: dict[str, Any] = {"tests": tests, "first": start, "test_limits": limits.wire()}
-        if req.language == "cpp":
-            job["argv"] = ["/tmp/work/main"]
-        elif req.language == "bash":
-            job["argv"] = [self.config.bash, _SOURCE["bash"]]
-        meta = {"op": "job", "limits": batch_limits.wire(), "binary": req.language == "cpp"}
+        job.update(spec.run_job(req.code, req.files, limits.memory_mb))
+        meta = {"op": "job", "limits": batch_limits.wire(), "binary": spec.compiled}
         return self._frames(meta, self._payload(req, batch_limits, **job))
 
     @property
@@ -620,21 +617,19 @@ class SandboxPool:
         )
 
     def _compile_frames(self, req: RunRequest | RunTestsRequest) -> bytes:
-        if req.language != "cpp":
+        spec = language_spec(req.language, self.config)
+        if not spec.compiled:
             return b""
-        cfg = self.config
-        # Everything the compiler reads: the compiler itself, its flags, the source and every
-        # file beside it (a header in ``files`` changes the binary as much as the source does).
+        # Everything the compiler reads: the tools themselves, their argv and environment, the
+        # source and every file beside it (a header in ``files`` changes the binary as much as
+        # the source does). See LanguageSpec.cache_key_parts.
         key = hashlib.sha256(
-            json.dumps(
-                [_tool_identity(cfg.cpp_compiler), list(cfg.cpp_flags), req.code, req.files],
-                sort_keys=True,
-            ).encode()
+            json.dumps(spec.cache_key_parts(req.code, req.files), sort_keys=True).encode()
         ).hexdigest()
         limits = self._compile_limits(req)
-        argv = [cfg.cpp_compiler, *cfg.cpp_flags, "main.cpp", "-o", "main"]
+        job = spec.compile_job(req.code, req.files, limits.memory_mb)
         meta = {"op": "job", "compile": key, "limits": limits.wire()}
-        return self._frames(meta, self._payload(req, limits, argv=argv, stdin=""))
+        return self._frames(meta, self._payload(req, limits, stdin="", **job))
 
     def _job_frames(
         self,
@@ -643,17 +638,15 @@ class SandboxPool:
         stdin: str = "",
         fn: dict[str, Any] | None = None,
     ) -> bytes:
-        job: dict[str, Any] = {"stdin": stdin}
-        if req.language == "cpp":
-            job["argv"] = ["/tmp/work/main"]
-        elif req.language == "bash":
-            job["argv"] = [self.config.bash, _SOURCE["bash"]]
+        spec = language_spec(req.language, self.config)
+        job = spec.run_job(req.code, req.files, limits.memory_mb)
+        job["stdin"] = stdin
         if fn is not None:
             job["fn"] = fn
         meta = {
             "op": "job",
             "limits": limits.wire(),
-            "binary": req.language == "cpp",
+            "binary": spec.compiled,
         }
         return self._frames(meta, self._payload(req, limits, **job))
 
@@ -715,10 +708,10 @@ class SandboxPool:
     async def _compile_step(
         self, worker: ZygoteWorker, req: RunRequest | RunTestsRequest
     ) -> RunResult | None:
-        """The compile step's reply (C++) as a result with ``compiled`` and ``compile_s`` set
-        (callers such as SandboxFusion's ``compile_result`` report a success too); None for
-        languages without one."""
-        if req.language != "cpp":
+        """The compile step's reply (compiled languages) as a result with ``compiled`` and
+        ``compile_s`` set (callers such as SandboxFusion's ``compile_result`` report a success
+        too); None for languages without one."""
+        if not language_spec(req.language, self.config).compiled:
             return None
         limits = self._compile_limits(req)
         raw = await self._read_job(worker, limits)
@@ -809,18 +802,6 @@ def _annotate(
         span.set_status(Status(StatusCode.ERROR, status.value))
 
 
-@functools.cache
-def _tool_identity(path: str) -> list[object]:
-    """A compiler as the cache key sees it: the file it resolves to, and that file's size and
-    change time, so that an upgraded compiler never serves binaries built by the old one."""
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError:
-        return [real]
-    return [real, st.st_size, st.st_mtime_ns, st.st_ino]
-
-
 def _not_compiled(compiled: RunResult, total: int, wait: float) -> RunTestsResult:
     """A batch whose program never compiled: no test ran, so no verdicts."""
     return RunTestsResult(
@@ -860,7 +841,7 @@ def _classify(raw: dict[str, Any], limits: Limits) -> tuple[RunStatus, str | Non
         return RunStatus.COMPILE_ERROR, "syntax error"
     if code == 0:
         return RunStatus.OK, None
-    if "std::bad_alloc" in raw.get("stderr", "") or "MemoryError" in raw.get("stderr", "")[-200:]:
+    if out_of_memory(raw.get("stderr", "")):
         return RunStatus.MEMORY_LIMIT, f"memory limit of {limits.memory_mb} MiB exceeded"
     return RunStatus.RUNTIME_ERROR, None
 

@@ -5,7 +5,8 @@ P is forked by the zygote *before* its job exists, as a spare: as root it mounts
 namespace of its own, seccomp) and waits on fd 4. The job arrives there (the zygote splices it
 from the pool's socket without reading it); P writes the input files itself, as the slot uid,
 lowers its rlimits to the job's, and runs the program: Python in this already-warm
-interpreter, C++ and bash through ``execve``.
+interpreter, every other language (and every compiler) through ``execve`` of the argv that
+the pool built from :mod:`tangram_sandbox.languages`.
 
 Fds of P: 0 stdin (a memfd P fills), 1 stdout, 2 stderr, 3 the side channel to the pool (a
 function test's return value, or how set-up failed), 4 the job (closed once read).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -77,9 +79,16 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     os.mkdir(WORKDIR, 0o700)
     if apply["slot_uid"]:
         os.chown(WORKDIR, cfg["uid"], cfg["gid"])
+    else:  # rootless: the program is the pool's own uid; hide that uid's files (and cgroups)
+        hidden = nosuid | _sys.MS_RDONLY | _sys.MS_NOEXEC
+        for path in [*cfg.get("hide", ()), *cfg["cgroup_dirs"].values()]:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
+                _sys.mount("tmpfs", path, "tmpfs", hidden, "size=4k,mode=0")
     os.write(fds["status"], b"r")  # the zygote may now enter our mount namespace
+    # Each source out of the way of the targets 0-5 first, so that no dup2 clobbers another.
+    high = {name: fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for name, fd in fds.items()}
     for target, name in enumerate(("stdin", "stdout", "stderr", "result", "go", "status")):
-        os.dup2(fds[name], target)
+        os.dup2(high[name], target)
     os.set_inheritable(STATUS_FD, False)
     os.closerange(STATUS_FD + 1, 1 << 16)
     os.chdir(WORKDIR)
@@ -98,9 +107,13 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     os.environ.update(_ENV)
 
 
-def _apply_limits(limits: dict[str, Any]) -> None:
-    """The job's rlimits; only ever lowered from what P inherited, so no privilege is needed."""
-    mem = int(limits["memory_mb"]) << 20
+def _apply_limits(limits: dict[str, Any], address_space_mb: int | None = None) -> None:
+    """The job's rlimits; only ever lowered from what P inherited, so no privilege is needed.
+
+    RLIMIT_AS is ``memory_mb``, or ``address_space_mb`` where the pool sets one: the JVM and
+    V8 reserve address space they never touch, so their jobs get headroom there and bound
+    their heap with their own flag (see :mod:`tangram_sandbox.languages`)."""
+    mem = int(address_space_mb or limits["memory_mb"]) << 20
     cpu = max(1, int(-(-limits["cpu_s"] // 1)))
     fsize = int(limits["file_size_mb"]) << 20
     for res, soft, hard in (
@@ -132,7 +145,8 @@ def _write_inputs(job: dict[str, Any]) -> None:
             os.makedirs(os.path.join(*parts[:-1]), exist_ok=True)
         with open(os.path.join(*parts), "wb") as f:
             f.write(base64.b64decode(b64))
-    with open(_SOURCE[job["language"]], "w", encoding="utf-8") as f:
+    source = job.get("source") or _SOURCE[job["language"]]
+    with open(os.path.join(*_safe_parts(source)), "w", encoding="utf-8") as f:
         f.write(job["code"])
     stdin = os.memfd_create("stdin", 0)
     data = job.get("stdin", "").encode()
@@ -222,6 +236,12 @@ def exec_program(
     except MemoryError:
         side["memory_error"] = True
         status = 1
+        # What Python itself would print; a raw write, since there may be no memory to format
+        # a traceback with.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            os.write(2, b"MemoryError\n")
     except BaseException as exc:
         with contextlib.suppress(OSError, ValueError):  # stderr may be closed or flooded
             traceback.print_exception(exc)
@@ -268,7 +288,8 @@ def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
             os._exit(0)
         job = frame
         _write_inputs(job)
-        _apply_limits(job["limits"])
+        os.environ.update(job.get("env") or {})  # the language's (GOCACHE, MALLOC_ARENA_MAX)
+        _apply_limits(job["limits"], job.get("address_space_mb"))
         os.write(STATUS_FD, b"g")
         os.close(STATUS_FD)
     except BaseException as exc:

@@ -20,7 +20,13 @@ from typing import IO, Any
 
 from tangram_sandbox import wire
 from tangram_sandbox.config import PoolConfig
-from tangram_sandbox.isolation import ZYGOTE_ENV, cgroup_root, package_root, zygote_command
+from tangram_sandbox.isolation import (
+    ZYGOTE_ENV,
+    cgroup_root,
+    package_root,
+    rootless_hidden,
+    zygote_command,
+)
 
 __all__ = ["Slot", "SlotLeases", "WorkerDied", "ZygoteWorker"]
 
@@ -137,6 +143,8 @@ class ZygoteWorker:
             "cpp": {"compiler": config.cpp_compiler, "flags": list(config.cpp_flags)},
         }
         cfg["drop_sys_path"] = [package_root()]
+        if not apply.get("slot_uid"):
+            cfg["hide"] = rootless_hidden(config)
         cmd = zygote_command(config.python, str(child.fileno()), cfg)
         errlog = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker
         proc = subprocess.Popen(
