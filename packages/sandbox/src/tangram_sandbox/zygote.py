@@ -1,34 +1,31 @@
-"""The zygote: one warm sandbox worker; a fork server beside it forks one program per execution.
+"""The zygote: one warm sandbox worker; it forks one program process per execution.
 
 Process tree::
 
     pool ──socket── zygote   root; its own mount (read-only view of the system), net, ipc and
                       │      uts namespaces, joined once to the slot's cgroups; interpreter and
-                      │      common stdlib modules warm. Supervises: hands P its job, watches
-                      │      P's pipes, enforces the deadline, SIGKILLs P on timeout
-                      └ F    the fork server: forked once from the warm zygote, forks every P,
-                        │    reaps it and reports its exit status to the zygote
-                        └ P  one per execution, forked as a spare *before* its job exists:
+                      │      common stdlib modules warm
+                      └ P    one per execution, forked as a spare *before* its job exists:
                              pid 1 of a new pid namespace, private tmpfs /tmp, /dev/shm and
                              /proc and its own IPC namespace, then the slot uid, no_new_privs,
                              its own user namespace and seccomp (see
                              :mod:`tangram_sandbox.program`)
 
-Why forks happen ahead, and not in the supervisor: forks dominate the cost (a Python fork
-and exit is about 2 ms of CPU on a VM). The next spare is forked while the current program
-runs, so a request never waits for a fork or for isolation set-up. And after a fork every
-page the parent writes is copied: when the zygote forked, its own work per job (frames,
-pipes, the watch loop) cost about 260 such copies on the request's path. The fork server
-writes almost nothing between forks, and the zygote, which no longer forks, none at all
-(measured: zygote CPU per job 1.4 ms before, 0.45 ms after). P is pid 1 of its namespace, so
-its death takes every process it started with it (daemons, fork bombs).
+Why one fork: forks dominate the cost (a Python fork and exit is about 2 ms of CPU on a VM),
+so the zygote itself supervises: it hands P its job, watches P's pipes and its pidfd,
+enforces the deadline, and SIGKILLs P on timeout. (A separate fork server, so that the
+zygote would not copy the ~260 pages it writes per job after each fork, was measured: the
+zygote's CPU per job fell from 1.4 to 0.45 ms, but on 2 cores the extra process and the
+relayed exit status cost more than that, 15% fewer executions per second, and no lower
+latency; see the sandbox bench notes.) P is pid 1 of its namespace, so its death
+takes every process it started with it (daemons, fork bombs). The next spare forks while the
+current program runs, so a request never waits for a fork or for isolation set-up.
 
-Why neither process holds an execution's data: each P is a fork of the fork server, itself a
-fork of the zygote, and can read that memory, so whatever passed through it would be visible
-to every later execution. The job goes from the pool's socket into P's pipe with
-``splice(2)``, P's output goes to the socket the same way, fetched files with
-``sendfile(2)``; the zygote reads only the control frames (limits, sizes, exit codes), and
-the fork server only descriptors and pids. Expected test outputs never enter the sandbox:
+Why the zygote never holds an execution's data: each P is a fork of the zygote and can read
+its own memory, so whatever passed through the zygote's heap would be visible to every later
+execution. The job goes from the pool's socket into P's pipe with ``splice(2)``, P's output
+goes to the socket the same way, fetched files with ``sendfile(2)``; the zygote reads only the
+control frames (limits, sizes, exit codes). Expected test outputs never enter the sandbox:
 the pool compares.
 
 Stdlib-only: this runs under the system interpreter, whose stdlib an unprivileged uid can read.
@@ -43,6 +40,7 @@ import gc
 import json
 import math
 import os
+import resource
 import select
 import signal
 import socket
@@ -280,10 +278,7 @@ class _Files:
 
 
 class _Spare:
-    """A program process waiting for its job, and the zygote's ends of its pipes.
-
-    The zygote makes the pipes and asks the fork server for the process (see
-    :class:`_ForkServer`); it learns P's pid, with a pidfd, when it first needs them."""
+    """A program process waiting for its job, and the zygote's ends of its pipes."""
 
     def __init__(self, z: _Zygote) -> None:
         out_r, out_w = os.pipe()
@@ -291,15 +286,26 @@ class _Spare:
         side_r, side_w = os.pipe()
         go_r, go_w = os.pipe()
         status_r, status_w = os.pipe()
-        child_ends = [out_w, err_w, side_w, go_r, status_w]
-        socket.send_fds(z.forks, [b"s"], child_ends)
-        for fd in child_ends:
+        if z.cfg["apply"]["pid_ns"]:
+            if z.pid_ns_used:  # back to our own pid namespace, to unshare a fresh one
+                _sys.setns(z.own_pid_ns, _sys.CLONE_NEWPID)
+            _sys.unshare(_sys.CLONE_NEWPID)
+            z.pid_ns_used = True
+        fds = {
+            "stdin": z.devnull,
+            "stdout": out_w,
+            "stderr": err_w,
+            "result": side_w,
+            "go": go_r,
+            "status": status_w,
+        }
+        self.pid = os.fork()
+        if self.pid == 0:
+            spare_main(z.cfg, fds)
+        for fd in (out_w, err_w, side_w, go_r, status_w):
             os.close(fd)
-        self.z = z
         self.out, self.err, self.side, self.go = out_r, err_r, side_r, go_w
         self.status = status_r  # P's trusted channel (see program.STATUS_FD)
-        self.pid = 0
-        self.pidfd = -1
         self.failure: str | None = None
         self.files: _Files | None = None
 
@@ -307,98 +313,18 @@ class _Spare:
         """Block until P has its mounts; then take hold of its working directory (see
         :class:`_Files`) while only our code has run there."""
         if self.files is None:
-            if not self.pid:
-                self.pid, self.pidfd = self.z.spawned()
             first = os.read(self.status, 1)
             if first != b"r":
                 rest = os.read(self.status, 4096) if first else b""
                 self.failure = rest.decode(errors="replace") or "it died while starting"
-                self.z.forget(self)
                 return False
             self.files = _Files(self.pid)
         return True
 
-    def kill(self) -> None:
-        """SIGKILL P through its pidfd (never a recycled pid: the fork server reaps P). As
-        pid 1 of its namespace its death kills every descendant; the process-group kill
-        covers a host without pid namespaces (best effort)."""
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        if not self.z.cfg["apply"]["pid_ns"]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-
     def close_pipes(self) -> None:
-        for fd in (self.out, self.err, self.side, self.go, self.status, self.pidfd):
+        for fd in (self.out, self.err, self.side, self.go, self.status):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-#: The fork server's messages: ``p`` (spawned: pid, and its pidfd as ancillary data) and
-#: ``x`` (exited: pid, wait status, CPU seconds of it and its descendants, max RSS in KiB).
-_MSG = struct.Struct("=cxxxiidq")
-
-
-class _ForkServer:
-    """The process that forks every program (P): a child of the zygote, forked once, that
-    does nothing else.
-
-    Why not fork in the zygote itself: after a fork, every page the parent writes is copied
-    (copy-on-write), and the zygote's per-job work (frames, pipes, its watch loop) wrote about
-    260 pages per job, on the request's path, besides the fork itself. The fork server sits
-    in ``poll`` between forks and writes almost nothing, and the zygote, which no longer
-    forks, writes its own pages freely. The fork server is P's parent: it reaps P and passes
-    the exit status and resource use on. It dies with the zygote, and P with it
-    (parent-death signals), and it never holds an execution's data: only descriptors."""
-
-    def __init__(self, z: _Zygote, sock: socket.socket, spawns: socket.socket) -> None:
-        self.z = z
-        self.sock = sock  # requests in, exits out
-        self.spawns = spawns  # pids out: read only when the zygote needs the next spare
-        self.live: dict[int, int] = {}  # pidfd -> pid
-
-    def serve(self) -> None:
-        _sys.set_pdeathsig(signal.SIGKILL)
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        while True:
-            for fd, _ in poller.poll():
-                if fd != self.sock.fileno():
-                    pid = self.live.pop(fd)
-                    poller.unregister(fd)
-                    _, status, usage = os.wait4(pid, 0)
-                    os.close(fd)
-                    cpu = usage.ru_utime + usage.ru_stime
-                    self.sock.send(_MSG.pack(b"x", pid, status, cpu, usage.ru_maxrss))
-                    continue
-                msg, fds, _, _ = socket.recv_fds(self.sock, 16, 8)
-                if not msg:  # the zygote is gone
-                    os._exit(0)
-                pid, pidfd = self._spawn(fds)
-                self.live[pidfd] = pid
-                poller.register(pidfd, select.POLLIN)
-
-    def _spawn(self, fds: list[int]) -> tuple[int, int]:
-        z = self.z
-        if z.cfg["apply"]["pid_ns"]:
-            if z.pid_ns_used:  # back to our own pid namespace, to unshare a fresh one
-                _sys.setns(z.own_pid_ns, _sys.CLONE_NEWPID)
-            _sys.unshare(_sys.CLONE_NEWPID)
-            z.pid_ns_used = True
-        out_w, err_w, side_w, go_r, status_w = fds
-        pid = os.fork()
-        if pid == 0:
-            self.sock.close()
-            self.spawns.close()
-            for fd in self.live:
-                os.close(fd)
-            ends = {"stdin": z.devnull, "stdout": out_w, "stderr": err_w, "result": side_w}
-            spare_main(z.cfg, {**ends, "go": go_r, "status": status_w})
-        for fd in fds:
-            os.close(fd)
-        pidfd = os.pidfd_open(pid)  # before any wait: the pid cannot have been recycled
-        socket.send_fds(self.spawns, [_MSG.pack(b"p", pid, 0, 0.0, 0)], [pidfd])
-        return pid, pidfd
 
 
 class _Zygote:
@@ -410,20 +336,6 @@ class _Zygote:
         self.null_w = os.open(os.devnull, os.O_WRONLY)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
         self.pid_ns_used = False
-        # The fork server's socket, and what it has told us that we have not asked for yet.
-        self.forks, fork_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.spawns, spawn_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._exits: dict[int, tuple[int, float, int]] = {}
-        self._forgotten: set[int] = set()
-        self.fork_server = os.fork()
-        if self.fork_server == 0:
-            self.forks.close()
-            self.spawns.close()
-            os.dup2(self.devnull, sock.detach())  # not the pool's socket; keep the number
-            _ForkServer(self, fork_end, spawn_end).serve()
-            os._exit(0)
-        fork_end.close()
-        spawn_end.close()
         self.cache = cfg["cache_fd"]
         self.spare: _Spare | None = None
         self.last_files: _Files | None = None  # the finished program's, until the fetch
@@ -442,40 +354,6 @@ class _Zygote:
         if self.held:
             wire.write_all(self.fd, self.held)
             self.held = b""
-
-    # -- the fork server ----------------------------------------------------------------------
-
-    def pump(self) -> None:
-        """Read one exit reported by the fork server (blocking) and file it."""
-        data = self.forks.recv(_MSG.size)
-        if len(data) != _MSG.size:
-            raise wire.FrameError("the fork server is gone")
-        kind, pid, status, cpu, rss = _MSG.unpack(data)
-        if kind != b"x":
-            raise wire.FrameError(f"unexpected fork server message {kind!r}")
-        if pid in self._forgotten:
-            self._forgotten.discard(pid)
-        else:
-            self._exits[pid] = (status, cpu, rss)
-
-    def spawned(self) -> tuple[int, int]:
-        """The next spare's pid and pidfd, in the order the spares were asked for."""
-        data, fds, _, _ = socket.recv_fds(self.spawns, _MSG.size, 1)
-        if len(data) != _MSG.size or not fds:
-            raise wire.FrameError("the fork server is gone")
-        kind, pid, _, _, _ = _MSG.unpack(data)
-        if kind != b"p":
-            raise wire.FrameError(f"unexpected fork server message {kind!r}")
-        return pid, fds[0]
-
-    def exited(self, pid: int) -> tuple[int, float, int] | None:
-        """P's wait status, CPU seconds and max RSS (KiB), once the fork server reaped it."""
-        return self._exits.pop(pid, None)
-
-    def forget(self, spare: _Spare) -> None:
-        """A spare we will not watch (it failed to start): drop its exit when it comes."""
-        if self._exits.pop(spare.pid, None) is None:
-            self._forgotten.add(spare.pid)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -535,6 +413,7 @@ class _Zygote:
         if meta.get("binary") and self.binary:
             self._copy_binary_in(spare)
         _set_cgroup_limits(self.cfg, limits)
+        usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         try:
             wire.write_all(spare.go, _LEN.pack(size))
@@ -543,7 +422,7 @@ class _Zygote:
             pass
         os.close(spare.go)
         self.spare = _Spare(self)  # forks now, while the program runs on the other core
-        end = self._watch(spare, limits, start)
+        end = self._watch(spare, limits, start, usage_before)
         if self.last_files is not None:
             self.last_files.close()
         self.last_files, spare.files = spare.files, None
@@ -560,7 +439,9 @@ class _Zygote:
         else:
             self.send(end)
 
-    def _watch(self, spare: _Spare, limits: dict[str, Any], start: float) -> dict[str, Any]:
+    def _watch(
+        self, spare: _Spare, limits: dict[str, Any], start: float, usage_before: Any
+    ) -> dict[str, Any]:
         """Stream P's output to the pool within its caps until P and its pipes are done.
 
         ``poll(2)`` on a handful of descriptors, not ``selectors``: one syscall per wait and
@@ -570,8 +451,8 @@ class _Zygote:
         room = {wire.STDOUT: cap, wire.STDERR: cap, wire.SIDE: wire.MAX_FRAME // 4}
         truncated = {wire.STDOUT: False, wire.STDERR: False, wire.SIDE: False}
         kinds = {spare.out: wire.STDOUT, spare.err: wire.STDERR, spare.side: wire.SIDE}
-        forks = self.forks.fileno()  # P's exit comes from the fork server, its parent
-        watched = {*kinds, forks, spare.status}
+        pidfd = os.pidfd_open(spare.pid)
+        watched = {*kinds, pidfd, spare.status}
         poller = select.poll()
         for fd in watched:
             poller.register(fd, select.POLLIN)
@@ -579,35 +460,30 @@ class _Zygote:
         deadline = start + float(limits["wall_s"])
         timed_out = False
         status: int | None = None
-        cpu, rss_kb = 0.0, 0
+        rss_kb = 0
         end = start
 
         def done_with(fd: int) -> None:
             poller.unregister(fd)
             watched.discard(fd)
-            if fd != forks:
-                os.close(fd)
+            os.close(fd)
 
         while watched:
-            if status is None and (exited := self.exited(spare.pid)) is not None:
-                status, cpu, rss_kb = exited
-                end = end if timed_out else time.monotonic()
-                done_with(forks)
-                if not self.cfg["apply"]["pid_ns"]:
-                    spare.kill()  # whatever it left in its process group
-                continue
             waiting = status is None and not timed_out
             wait_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000) if waiting else None
             events = poller.poll(wait_ms)
             if not events and waiting:
                 if time.monotonic() >= deadline:
                     timed_out, end = True, time.monotonic()
-                    spare.kill()
+                    _kill(spare.pid)
                 continue
             for fd, _ in events:
-                if fd == forks:
-                    if forks in watched:  # else: already done with it in this round
-                        self.pump()
+                if fd == pidfd:
+                    _, status, usage = os.wait4(spare.pid, 0)
+                    end = end if timed_out else time.monotonic()
+                    rss_kb = usage.ru_maxrss
+                    done_with(pidfd)
+                    _kill(spare.pid)
                     continue
                 if fd == spare.status:  # ours, not the program's: closed before its code runs
                     chunk = os.read(fd, 4096)
@@ -637,8 +513,8 @@ class _Zygote:
                 # End of stream (or the side channel over its cap): stop reading.
                 truncated[kind] = truncated[kind] or bool(n)
                 done_with(fd)
-        with contextlib.suppress(OSError):
-            os.close(spare.pidfd)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
         # One read of the memory controller's OOM count per job, against the last one: only
         # this slot's processes are in its cgroup, and only a job runs code there.
         ooms = _read_cgroup_counter(self.cfg, "oom_kill")
@@ -778,6 +654,14 @@ def _sendfile_all(out_fd: int, in_fd: int, n: int) -> int:
             break
         offset += sent
     return offset
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL the program: as pid 1 of its namespace its death kills every descendant; the
+    process-group kill covers a host without pid namespaces (best effort)."""
+    for kill in (os.kill, os.killpg):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
 
 
 # --- entry points ---------------------------------------------------------------------------------
