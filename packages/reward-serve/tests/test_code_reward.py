@@ -10,6 +10,7 @@ from tangram_core.actions import ActionResult, ActionStatus
 from tangram_reward.rules.code_reward import (
     CodeRewardRequest,
     CodeRewardUnavailable,
+    Language,
     code_action,
     extract_code,
     score_result,
@@ -28,6 +29,19 @@ def test_extract_code_takes_the_last_block_after_the_reasoning() -> None:
     assert extract_code("```cpp\nint main(){}\n```", "python") is None
     assert extract_code("```\nprint(1)\n```") == "print(1)\n", "untagged blocks count"
     assert extract_code("<think>```python\nx\n```</think> no code") is None
+
+
+@pytest.mark.parametrize(
+    ("tag", "language"),
+    [("java", "java"), ("js", "nodejs"), ("ts", "typescript"), ("golang", "go"), ("rs", "rust")],
+)
+def test_extract_code_knows_the_sandboxes_other_languages(tag: str, language: Language) -> None:
+    response = f"```python\nprint(1)\n```\n```{tag}\nbody\n```"
+    assert extract_code(response, language) == "body\n"
+    assert extract_code(response, "python") == "print(1)\n"
+    action = code_action(CodeRewardRequest(response=response, tests=TESTS, language=language))
+    assert action is not None
+    assert action.payload["language"] == language
 
 
 def test_no_code_means_no_action() -> None:

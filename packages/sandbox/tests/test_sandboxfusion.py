@@ -17,8 +17,10 @@ SandboxFusion 469de084):
   no return code), ``run_commands`` (the compile step runs first and the program only when it
   finished with return code 0; fetched files that do not exist are left out) and
   ``restore_files`` (null contents are skipped; parent folders are created);
-* ``sandbox/runners/major.py``: ``python file.py``, ``g++ -std=c++17 ... && ./test`` (a
-  compile step, so ``compile_result`` is set), ``/bin/bash file.sh``;
+* ``sandbox/runners/major.py``: ``python file.py``, ``/bin/bash file.sh``, ``node file.js``
+  and ``tsx file.ts`` run only; ``g++``, ``javac``, ``go build`` and ``rustc`` are compile
+  steps, so ``compile_result`` is set; ``MAJOR_RUNNERS`` also names nodejs ``js`` and
+  typescript ``ts``;
 * ``docs/docs/docs/get-started.mdx`` and ``docs/docs/docs/how-to/run-code/
   upload-download-files.mdx``: the sample responses quoted below;
 * ``sandbox/server/server.py``: ``GET /v1/ping`` answers ``"pong"``.
@@ -212,7 +214,17 @@ class Has:
         return f"<str containing {self.part!r}>"
 
 
-def finished(return_code: int, stdout: str = "", stderr: Any = "") -> dict[str, Any]:
+class NonZero:
+    """A return code other than 0 (each compiler has its own: go build says 2, gcc 1)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int) and not isinstance(other, bool) and other != 0
+
+    def __repr__(self) -> str:
+        return "<non-zero int>"
+
+
+def finished(return_code: Any, stdout: str = "", stderr: Any = "") -> dict[str, Any]:
     """``CommandRunResult`` of a step that ran to its end (base.py, ``run_command_bare``)."""
     return {
         "status": "Finished",
@@ -259,9 +271,14 @@ def response(
     }
 
 
+#: Languages whose SandboxFusion runner has a compile step (``run_commands(compile, run, ...)``
+#: in major.py: ``g++``, ``javac``, ``go build``, ``rustc``); ``c`` is ours (SandboxFusion has
+#: none) and answers as C++ does. Node runs ``node``, TypeScript ``tsx``: run only.
+COMPILED_LANGUAGES = {"cpp", "c", "java", "go", "rust"}
+
+
 def compile_step(language: str) -> dict[str, Any] | None:
-    """Of our languages only C++ has a compile step (``run_cpp`` in major.py)."""
-    return COMPILED if language == "cpp" else None
+    return COMPILED if language in COMPILED_LANGUAGES else None
 
 
 # --- one program per case and language -------------------------------------------------------
@@ -271,22 +288,59 @@ HELLO = {
     "cpp": '#include <iostream>\n\nint main() {\n    std::cout << "Hello, world!" << std::endl;'
     "\n    return 0;\n}\n",  # get-started.mdx, the C++ sample
     "bash": 'echo "Hello, world!"',
+    "c": '#include <stdio.h>\nint main(void) { puts("Hello, world!"); return 0; }\n',
+    "java": "public class Main {\n    public static void main(String[] args) {\n"
+    '        System.out.println("Hello, world!");\n    }\n}\n',
+    "nodejs": 'console.log("Hello, world!");',
+    "typescript": 'const greeting: string = "Hello, world!";\nconsole.log(greeting);',
+    "go": 'package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println("Hello, world!")\n}\n',
+    "rust": 'fn main() {\n    println!("Hello, world!");\n}\n',
 }
+_READ_TWO_JS = 'require("fs").readFileSync(0, "utf8").trim().split(/\\s+/).map(Number)'
+
 PRODUCT = {
     "python": "a, b = map(int, input().split())\nprint(a * b)",
     "cpp": "#include <iostream>\nint main() { long a, b; std::cin >> a >> b; "
     'std::cout << a * b << "\\n"; }\n',
     "bash": "read a b\necho $((a * b))",
+    "c": '#include <stdio.h>\nint main(void) { long a, b; scanf("%ld %ld", &a, &b); '
+    'printf("%ld\\n", a * b); return 0; }\n',
+    "java": "import java.util.Scanner;\npublic class Main {\n"
+    "    public static void main(String[] args) {\n        Scanner in = new Scanner(System.in);\n"
+    "        System.out.println(in.nextLong() * in.nextLong());\n    }\n}\n",
+    "nodejs": f"const [a, b] = {_READ_TWO_JS};\nconsole.log(a * b);",
+    "typescript": f"const [a, b]: number[] = {_READ_TWO_JS};\nconsole.log(a * b);",
+    "go": 'package main\n\nimport "fmt"\n\nfunc main() {\n\tvar a, b int64\n'
+    "\tfmt.Scan(&a, &b)\n\tfmt.Println(a * b)\n}\n",
+    "rust": "use std::io::Read;\nfn main() {\n    let mut s = String::new();\n"
+    "    std::io::stdin().read_to_string(&mut s).unwrap();\n"
+    "    let v: Vec<i64> = s.split_whitespace().map(|x| x.parse().unwrap()).collect();\n"
+    '    println!("{}", v[0] * v[1]);\n}\n',
 }
 EXIT_3 = {
     "python": "import sys\nprint('before')\nsys.exit(3)",
     "cpp": '#include <cstdio>\nint main() { std::puts("before"); return 3; }\n',
     "bash": "echo before\nexit 3",
+    "c": '#include <stdio.h>\nint main(void) { puts("before"); return 3; }\n',
+    "java": "public class Main {\n    public static void main(String[] args) {\n"
+    '        System.out.println("before");\n        System.exit(3);\n    }\n}\n',
+    "nodejs": 'console.log("before");\nprocess.exit(3);',
+    "typescript": 'const said: string = "before";\nconsole.log(said);\nprocess.exit(3);',
+    "go": 'package main\n\nimport (\n\t"fmt"\n\t"os"\n)\n\nfunc main() {\n'
+    '\tfmt.Println("before")\n\tos.Exit(3)\n}\n',
+    "rust": 'fn main() {\n    println!("before");\n    std::process::exit(3);\n}\n',
 }
 SPIN = {
     "python": "while True:\n    pass",
     "cpp": "int main() { volatile unsigned long n = 0; for (;;) n = n + 1; }\n",
     "bash": "while true; do :; done",
+    "c": "int main(void) { volatile unsigned long n = 0; for (;;) n = n + 1; }\n",
+    "java": "public class Main {\n    public static void main(String[] args) {\n"
+    "        long n = 0;\n        while (n >= 0) { n = (n + 1) % 1000; }\n    }\n}\n",
+    "nodejs": "for (;;) {}",
+    "typescript": "let n: number = 0;\nfor (;;) { n = (n + 1) % 1000; }",
+    "go": "package main\n\nfunc main() {\n\tfor {\n\t}\n}\n",
+    "rust": "fn main() {\n    loop {}\n}\n",
 }
 LANGUAGES = sorted(HELLO)
 
@@ -336,6 +390,38 @@ def test_cpp_compile_error_is_a_finished_compile_step_with_its_return_code(
     with return code 1, so the response is ``Failed`` and nothing ran."""
     got = post(servers, verl_request("int main( {", "cpp"))
     assert got == response("Failed", compiled=finished(1, stderr=Has("error")))
+
+
+BROKEN = {  # a compile error, and a word of the compiler's message
+    "c": ("int main(void) { return }\n", "error"),
+    "java": ("public class Main { public static void main(String[] a) { int x = ; } }", "error"),
+    "go": ('package main\n\nfunc main() {\n\tvar x int = "s"\n\t_ = x\n}\n', "cannot use"),
+    "rust": ("fn main() { let x: i32 = ; }", "error"),
+}
+
+
+@pytest.mark.parametrize("language", sorted(BROKEN))
+def test_compile_errors_of_every_compiled_language_are_finished_compile_steps(
+    servers: Servers, language: str
+) -> None:
+    code, word = BROKEN[language]
+    got = post(servers, verl_request(code, language))
+    assert got == response("Failed", compiled=finished(NonZero(), stderr=Has(word)))
+
+
+def test_a_typescript_syntax_error_is_the_runs_as_under_tsx(servers: Servers) -> None:
+    """SandboxFusion runs TypeScript with ``tsx``, no compile step: its syntax error is a run
+    that finished with return code 1 and the message on stderr, and no compile_result."""
+    got = post(servers, verl_request("let x: = 1;\nconsole.log(x);", "typescript"))
+    assert got == response("Failed", run=finished(1, stderr=Has("error TS")))
+
+
+@pytest.mark.parametrize(("alias", "language"), [("js", "nodejs"), ("ts", "typescript")])
+def test_sandboxfusions_other_language_names_are_accepted(
+    servers: Servers, alias: str, language: str
+) -> None:
+    got = post(servers, verl_request(HELLO[language], alias))
+    assert got == response("Success", run=finished(0, "Hello, world!\n"))
 
 
 def test_cpp_compile_timeout_is_honoured(servers: Servers) -> None:

@@ -84,6 +84,14 @@ class ApiLimits(BaseModel):
     )
 
 
+#: SandboxFusion's other names for our languages (``MAJOR_RUNNERS`` in its runners/major.py).
+FUSION_ALIASES = {"js": "nodejs", "ts": "typescript"}
+#: Our languages whose SandboxFusion runner has no compile step: TypeScript runs under
+#: ``tsx``, so SandboxFusion reports its syntax errors as the run's, with no compile_result.
+#: (Ours translates it once and caches the JavaScript; the answer keeps SandboxFusion's shape.)
+FUSION_RUN_ONLY = frozenset({"typescript"})
+
+
 class RunCodeRequest(BaseModel):
     """SandboxFusion's ``POST /run_code`` request (``sandbox_api.RunCodeRequest``): the same
     fields, defaults and meanings, restricted to the languages this pool runs."""
@@ -107,6 +115,11 @@ class RunCodeRequest(BaseModel):
         description="Path to base64 content; a null value is skipped, as in SandboxFusion.",
     )
     fetch_files: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _alias(cls, value: Any) -> Any:
+        return FUSION_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("memory_limit_MB")
     @classmethod
@@ -157,16 +170,20 @@ def _command(result: RunResult) -> CommandResult:
     )
 
 
-def _fusion_response(result: RunResult) -> RunCodeResponse:
+def _fusion_response(result: RunResult, language: str) -> RunCodeResponse:
     """``result`` as SandboxFusion answers the same outcome (``sandbox_api.parse_run_status``):
     a failed compile step is the ``compile_result`` with no ``run_result``; ``message`` is
-    empty unless the sandbox itself failed."""
+    empty unless the sandbox itself failed. For a language SandboxFusion runs without a
+    compile step (:data:`FUSION_RUN_ONLY`), our compile step is folded into the run."""
     if result.status is RunStatus.SANDBOX_ERROR:
         return RunCodeResponse(status="SandboxError", message=result.error or "sandbox error")
+    run_only = language in FUSION_RUN_ONLY
     if result.compiled is False:
+        if run_only:
+            return RunCodeResponse(status="Failed", run_result=_command(result))
         return RunCodeResponse(status="Failed", compile_result=_command(result))
     compile_result = None
-    if result.compiled:
+    if result.compiled and not run_only:
         compile_result = CommandResult(
             status="Finished", execution_time=result.compile_s, return_code=0, stdout="", stderr=""
         )
@@ -399,7 +416,8 @@ def build_app(
 
     @app.post("/run_code", response_model=RunCodeResponse)
     async def run_code(request: RunCodeRequest) -> Any:
-        response = _fusion_response(await guarded(the_pool.run(fusion_request(request))))
+        result = await guarded(the_pool.run(fusion_request(request)))
+        response = _fusion_response(result, request.language)
         if response.status == "SandboxError":
             # The infrastructure failed, not the program: ask for a retry (see the module doc).
             return JSONResponse(

@@ -33,8 +33,10 @@ __all__ = [
     "extract_code",
 ]
 
-Language = Literal["python", "cpp", "bash"]
+#: The sandbox's languages, under SandboxFusion's names (``tangram_sandbox.languages``).
+Language = Literal["python", "cpp", "c", "java", "nodejs", "typescript", "go", "rust", "bash"]
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+#-]*)[^\n]*\n(.*?)```", re.DOTALL)
+#: Fence tags models write, to the language they mean.
 _ALIASES: dict[str, Language] = {
     "python": "python",
     "python3": "python",
@@ -42,6 +44,18 @@ _ALIASES: dict[str, Language] = {
     "cpp": "cpp",
     "c++": "cpp",
     "cc": "cpp",
+    "c": "c",
+    "java": "java",
+    "javascript": "nodejs",
+    "js": "nodejs",
+    "node": "nodejs",
+    "nodejs": "nodejs",
+    "typescript": "typescript",
+    "ts": "typescript",
+    "go": "go",
+    "golang": "go",
+    "rust": "rust",
+    "rs": "rust",
     "bash": "bash",
     "sh": "bash",
     "shell": "bash",
