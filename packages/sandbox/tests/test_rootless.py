@@ -187,6 +187,8 @@ class User:
     token: str
     token_file: str
     caps: dict[str, Any] = field(default_factory=dict)
+    #: The pool driver script, as this uid reaches it (see :func:`_view_for`).
+    driver: str = _DRIVER
     #: The processes (pool driver, server) whose trees may hold this uid's processes.
     roots: set[int] = field(default_factory=set)
 
@@ -267,6 +269,48 @@ def _lease_uid() -> tuple[int, int]:
     pytest.fail(f"no free uid in [{_UIDS.start}, {_UIDS.stop}) for the unprivileged user")
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(_DRIVER))))
+
+
+@contextlib.contextmanager
+def _view_for(who: User) -> Iterator[None]:
+    """Make the checkout and its venv reachable by ``who`` when they are not (a clone under
+    root's mode-700 home, say), without changing any permission on the host: a read-only bind
+    mount of the checkout under /var/tmp, whose own directory is open. The workspace packages
+    are then found through their ``src`` folders in the view (their editable-install hooks
+    name the original paths, which the uid cannot reach), and the driver runs from it."""
+    if all(who.may("-r", p) for p in [_DRIVER, *site.getsitepackages()]):
+        yield
+        return
+    stage = tempfile.mkdtemp(prefix="tangram-rootless-view-", dir="/var/tmp")
+    os.chmod(stage, 0o755)
+    view = os.path.join(stage, "repo")
+    os.mkdir(view)
+    mounted = False
+    try:
+        subprocess.run(["mount", "--bind", _REPO, view], check=True, capture_output=True)
+        mounted = True
+        subprocess.run(["mount", "-o", "remount,bind,ro", view], check=True, capture_output=True)
+
+        def moved(path: str) -> str:
+            inside = os.path.relpath(path, _REPO)
+            return path if inside.startswith("..") else os.path.join(view, inside)
+
+        packages = os.path.join(view, "packages")
+        sources = sorted(
+            os.path.join(packages, name, "src")
+            for name in os.listdir(packages)
+            if os.path.isdir(os.path.join(packages, name, "src"))
+        )
+        who.site_dirs = ":".join([*sources, *(moved(d) for d in site.getsitepackages())])
+        who.driver = moved(_DRIVER)
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", view], check=False, capture_output=True)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _interpreters() -> list[str]:
     """Interpreters that may run the venv's packages: this one (when the uid can read it),
     else the system's of the same minor version (compiled extensions need the same ABI)."""
@@ -299,8 +343,10 @@ def user() -> Iterator[User]:
     os.close(fd)
     dirs = ":".join(site.getsitepackages())
     who = User(uid, home, "", dirs, uuid.uuid4().hex, token, token_file)
+    views = contextlib.ExitStack()
     try:
-        closed = [p for p in [_DRIVER, *site.getsitepackages()] if not who.may("-r", p)]
+        views.enter_context(_view_for(who))
+        closed = [p for p in [who.driver, *who.site_dirs.split(":")] if not who.may("-r", p)]
         if closed:
             pytest.skip(f"uid {uid} cannot read {closed}: the checkout is closed to other users")
         tried = []
@@ -324,6 +370,7 @@ def user() -> Iterator[User]:
         yield who
     finally:
         _kill_uid(uid)
+        views.close()
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(f"/tmp/tangram-sandbox-slots-{uid}", ignore_errors=True)
         os.close(lock_fd)
@@ -438,7 +485,7 @@ class PoolTarget(Target):
         errlog = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close()
         settings = json.dumps({"min_workers": workers, "max_workers": workers})
         proc = subprocess.Popen(
-            who.argv(_DRIVER, settings),
+            who.argv(who.driver, settings),
             env=who.env,
             cwd=who.home,
             stdin=subprocess.PIPE,
