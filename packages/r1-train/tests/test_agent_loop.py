@@ -77,7 +77,7 @@ def _trajs(rewards: list[float | None], errors: dict[int, str] | None = None) ->
 def test_a_group_with_an_infra_error_is_dropped_not_scored_zero(tmp_path: Path) -> None:
     trajs = _trajs([1.0, 0.0, None, 1.0], errors={2: "sandbox.run infra_error"})
     kept, info = select_for_training(trajs, _cfg(tmp_path))
-    assert info == {"infra_dropped": 1, "flat_dropped": 0}
+    assert info == {"infra_dropped": 1, "flat_dropped": 0, "nonfinite_rewards": 0}
     assert [t.group for t, _ in kept] == [0, 0]
     first, second = (a for _, a in kept)
     assert first > 0 > second

@@ -44,7 +44,10 @@ def test_yaml_then_overrides(tmp_path: Path, model_dir: Path) -> None:
         ),
         (["asynchronous.max_staleness=-1"], "asynchronous.max_staleness: Input should be greater"),
         (["asynchronous.on_update=wait"], "asynchronous.on_update: Input should be 'continue'"),
-        (["grpo.is_correction=seq"], "grpo.is_correction: Input should be 'none', 'tis' or 'mis'"),
+        (["grpo.is_correction=seq"], "grpo.is_correction: Input should be 'none', 'tis', 'mis'"),
+        (["grpo.importance_sampling_level=seq"], "grpo.importance_sampling_level: Input should"),
+        (["grpo.max_nonfinite_fraction=2"], "grpo.max_nonfinite_fraction: Input should be less"),
+        (["grpo.use_bias_correction_kl=maybe"], "grpo.use_bias_correction_kl: Input should be"),
         (["grpo.is_cap=1"], "grpo.is_cap: Input should be greater than 1"),
     ],
 )

@@ -213,3 +213,106 @@ def test_importance_weights_scale_the_surrogate_not_the_kl() -> None:
     # surrogate -1 per token, weighted: -2 and -0.5; k3 of token 1: 0.5 - ln 0.5 - 1
     kl = 0.5 - LOG(0.5) - 1
     assert loss.item() == pytest.approx(((-2.0 + 0.1 * kl) + (-0.5)) / 2)
+
+
+def test_bnpo_normalises_each_micro_batch_by_its_own_tokens() -> None:
+    """bnpo (TRL's meaning) differs from dapo once the batch is split: micro-batch token means
+    over the number of micro-batches, against the whole batch's token mean."""
+    b = _two_lengths()  # per-token loss -1 (1 token) and +1 (3 tokens)
+    parts = [{k: v[i : i + 1] for k, v in b.items()} for i in range(2)]
+    bnpo = sum(policy_loss(**p, loss_type="bnpo", num_micro_batches=2)[0] for p in parts)
+    # (-1/1) / 2 + (3/3) / 2 = 0
+    assert float(bnpo) == pytest.approx(0.0)
+    dapo = sum(policy_loss(**p, loss_type="dapo", num_tokens=4.0)[0] for p in parts)
+    assert float(dapo) == pytest.approx(0.5)  # (-1 + 3) / 4, as unsplit
+
+
+def test_sequence_level_ratio_is_clipped_per_sequence() -> None:
+    """GSPO: one ratio per sequence, exp of the mean token log-ratio over trained tokens."""
+    logp = torch.log(torch.tensor([[0.6, 0.9, 0.5]])).requires_grad_()
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is not trained
+    # s = sqrt(1.2 * 1.8) = sqrt(2.16) = 1.4697; A = 1 > 0, clipped at 1.2: loss -1.2, no grad
+    loss, st = policy_loss(
+        logp, old, torch.tensor([1.0]), mask, importance_sampling_level="sequence"
+    )
+    assert loss.item() == pytest.approx(-1.2)
+    assert st.clip_high == pytest.approx(1.0)  # both trained tokens count as clipped
+    loss.backward()
+    assert logp.grad is not None
+    assert not logp.grad.any()
+    # A = -1: min(-s, -1.2) = -s -> loss s; d s / d logp_t = s / 2 on trained tokens
+    logp.grad = None
+    loss, _ = policy_loss(
+        logp, old, torch.tensor([-1.0]), mask, importance_sampling_level="sequence"
+    )
+    s = math.sqrt(2.16)
+    assert loss.item() == pytest.approx(s)
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([s / 2, s / 2, 0.0])
+    with pytest.raises(ValueError, match="unknown importance_sampling_level 'tok'"):
+        policy_loss(logp, old, torch.tensor([1.0]), mask, importance_sampling_level="tok")  # type: ignore[arg-type]
+
+
+def test_bias_corrected_kl_changes_the_gradient_not_the_value_on_policy() -> None:
+    """k3 KL times the policy ratio: value 1 x KL on-policy, gradient (KL + dKL) per token."""
+    logp = torch.log(torch.tensor([[0.5]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25]]))
+    kw = {"beta": 1.0, "ref_logp": ref}
+    plain, _ = policy_loss(logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 1), **kw)
+    (g_plain,) = torch.autograd.grad(plain, logp)
+    fixed, _ = policy_loss(
+        logp,
+        logp.detach(),
+        torch.tensor([0.0]),
+        torch.ones(1, 1),
+        use_bias_correction_kl=True,
+        **kw,
+    )
+    (g_fixed,) = torch.autograd.grad(fixed, logp)
+    kl = 0.5 - LOG(0.5) - 1  # k3 with ref/pi = 0.5
+    assert fixed.item() == pytest.approx(plain.item()) == pytest.approx(kl)
+    # d k3 / d logp = 1 - ref/pi = 0.5; d (r k3) / d logp at r = 1: k3 + 0.5
+    assert g_plain.item() == pytest.approx(0.5)
+    assert g_fixed.item() == pytest.approx(kl + 0.5)
+
+
+def test_sequence_importance_weights_by_hand() -> None:
+    from r1_train.grpo import importance_weights
+
+    trainer = torch.tensor([[LOG(0.5), LOG(0.9), LOG(0.2)], [LOG(0.5), LOG(0.5), LOG(0.5)]])
+    sampler = torch.tensor([[LOG(0.5), LOG(0.3), LOG(0.8)], [LOG(0.4), LOG(0.5), LOG(0.5)]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    # sequence ratios over trained tokens: 1 x 3 = 3, and 1.25
+    st = importance_weights(trainer, sampler, "sequence_truncate", 2.0, mask=mask)
+    assert st is not None
+    assert st.tolist() == [pytest.approx([2.0] * 3), pytest.approx([1.25] * 3)]
+    sm = importance_weights(trainer, sampler, "sequence_mask", 2.0, mask=mask)
+    assert sm is not None
+    assert sm.tolist() == [pytest.approx([0.0] * 3), pytest.approx([1.25] * 3)]
+    with pytest.raises(ValueError, match="unknown importance-sampling correction 'seq'"):
+        importance_weights(trainer, sampler, "seq", 2.0)  # type: ignore[arg-type]
+
+
+def test_non_finite_inputs_get_no_weight() -> None:
+    """A NaN/inf reward: advantage 0, the group normalised among the rest. A NaN sampler
+    log-prob: weight 1 (no correction), left out of the mismatch statistics."""
+    from r1_train.grpo import importance_weights, nonfinite, sampler_mismatch
+
+    rewards = torch.tensor([1.0, math.nan, 0.0, 1.0, math.inf, 1.0])
+    adv = group_advantages(rewards, 3)
+    s = math.sqrt(0.5) + 1e-4  # [1, 0] left in group 0; [1, 1] in group 1: deviation 0
+    assert adv.tolist() == pytest.approx([0.5 / s, 0.0, -0.5 / s, 0.0, 0.0, 0.0])
+    assert informative_groups(rewards, 3).tolist() == [True, False]
+    assert informative_groups(torch.tensor([math.nan] * 3), 3).tolist() == [False]
+    assert nonfinite(rewards) == 2
+
+    trainer = torch.tensor([[LOG(0.5), LOG(0.9)]])
+    sampler = torch.tensor([[math.nan, LOG(0.3)]])
+    w = importance_weights(trainer, sampler, "tis", 2.0)
+    assert w is not None
+    assert w.tolist() == [pytest.approx([1.0, 2.0])]
+    assert nonfinite(sampler, torch.tensor([[1.0, 1.0]])) == 1
+    assert nonfinite(sampler, torch.tensor([[0.0, 1.0]])) == 0  # padding does not count
+    m = sampler_mismatch(trainer, sampler, torch.ones(1, 2), cap=2.0)
+    assert (m.ratio_max, m.ratio_min) == (pytest.approx(3.0), pytest.approx(3.0))

@@ -8,8 +8,12 @@ so nothing else is needed to replay the data stream.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +22,97 @@ import torch
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written: says where, why, and what was kept.
+
+    Why: torch's zip writer reports a full disk as ``unexpected pos 2237120 vs 2237012``,
+    with no path and no ``No space left on device``. The partial folder is removed (it would
+    fill the disk further and is not loadable); the previous checkpoint is untouched.
+    ``errno`` is the OS error behind it (``errno.ENOSPC``, ...), or None."""
+
+    def __init__(self, message: str, errno_: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
 def save_checkpoint(run_dir: Path, step: int, policy: Any, tokenizer: Any) -> Path:
-    """Write the state after ``step`` steps; atomically visible (written, then renamed)."""
+    """Write the state after ``step`` steps; atomically visible (written, then renamed).
+
+    Raises :class:`CheckpointWriteFailed` when any part cannot be written (disk full, file
+    size limit, permissions), with the partial ``.tmp-checkpoint-*`` folder removed."""
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".tmp-checkpoint-{step:06d}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    policy.save(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(
-        {
-            "optimizer": policy.optimizer.state_dict(),
-            "scheduler": policy.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        },
-        tmp / "trainer_state.pt",
-    )
-    (tmp / "state.json").write_text(json.dumps({"next_step": step}))
+    remove_partial_checkpoints(run_dir)  # a run killed while saving left its own behind
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        policy.save(tmp)
+        tokenizer.save_pretrained(tmp)
+        # serialised in memory, then written by Python: a failed write then raises an OSError
+        # with its errno and path, where torch's zip writer only reports a position mismatch
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "optimizer": policy.optimizer.state_dict(),
+                "scheduler": policy.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            buf,
+        )
+        with (tmp / "trainer_state.pt").open("wb") as f:
+            f.write(buf.getbuffer())
+        (tmp / "state.json").write_text(json.dumps({"next_step": step}))
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(run_dir, final, exc) from exc
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete ``.tmp-checkpoint-*`` folders (a save that crashed); returns what was removed."""
+    found = sorted(Path(run_dir).glob(".tmp-checkpoint-*")) if Path(run_dir).is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+def _write_failed(run_dir: Path, final: Path, exc: BaseException) -> CheckpointWriteFailed:
+    errno_ = next(
+        (e.errno for e in _chain(exc) if isinstance(e, OSError) and e.errno is not None), None
+    )
+    if errno_ is None:  # safetensors (Rust) reports "... (os error 28)" in its text only
+        found = re.search(r"os error (\d+)", str(exc))
+        errno_ = int(found.group(1)) if found else None
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free on its filesystem"
+    except OSError:
+        free = "free space unknown"
+    if errno_ == errno.ENOSPC:
+        why = "No space left on device"
+    elif errno_ == errno.EFBIG:
+        why = "File too large (a file size limit, e.g. ulimit -f)"
+    elif errno_ is not None:
+        why = os.strerror(errno_)
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    kept = latest_checkpoint(run_dir)
+    keep = f"the previous checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
+    return CheckpointWriteFailed(
+        f"could not write checkpoint {final}: {why} ({free}; {type(exc).__name__}: {exc}). "
+        f"The partial folder was removed; {keep}. Free space (or raise the limit) and resume "
+        "with run.resume=true",
+        errno_,
+    )
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -58,6 +58,18 @@ def print_table(rows: list[dict[str, object]]) -> None:
     Console().print(table)
 
 
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """The errors a run ends with on purpose, each with a message that says what to do."""
+    from r1_train.async_trainer import RolloutsLost
+    from r1_train.checkpoint import CheckpointWriteFailed
+    from r1_train.nonfinite import NonFiniteError
+    from r1_train.rewards import RewardError
+    from r1_train.trainer import NothingTrained, StepLost
+
+    failures = (CheckpointWriteFailed, RewardError, NothingTrained, StepLost, NonFiniteError)
+    return (RolloutsLost, *failures)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plot":
@@ -95,11 +107,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tangram_core.telemetry import configure_telemetry
 
     telemetry = configure_telemetry(service_name="r1-train")
+    run_failures = _run_failures()  # imported here: they pull in torch
+    from r1_train.reaper import start_reaper
+
+    # stops the engine, Ray and the sandboxes if this process dies without closing them
+    start_reaper()
+    from r1_train.tasks import TaskDataError
     from r1_train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except TaskDataError as exc:  # bad data (file and row), found before anything starts
+        print(f"r1-train: {exc}", file=sys.stderr)
+        telemetry.shutdown()
+        return 2
     try:
         results = asyncio.run(trainer.train())
+    except run_failures as exc:
+        # the messages name the step, the task or the path, and what to do; no traceback
+        print(f"r1-train: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
         telemetry.shutdown()

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from r1_train.grpo import AdvantageScale, ISCorrection, LossType
+from r1_train.grpo import AdvantageScale, ImportanceSamplingLevel, ISCorrection, LossType
 
 
 class _Strict(BaseModel):
@@ -90,11 +90,27 @@ class AgentConfig(_Strict):
 
 
 class GRPOConfig(_Strict):
-    loss_type: LossType = "grpo"
+    loss_type: LossType = Field(
+        "grpo",
+        description="grpo: sequence means, then their mean (R1). dapo: token sum over the whole "
+        "batch's tokens. bnpo: TRL's, each micro-batch's token mean over the number of "
+        "micro-batches (dapo with one micro-batch). dr_grpo: token sum over sequences x the "
+        "longest answer allowed (rollout.max_new_tokens x agent.max_turns).",
+    )
     epsilon_low: float = Field(0.2, gt=0, lt=1)
     epsilon_high: float | None = Field(None, gt=0, description="DAPO clip-higher (e.g. 0.28).")
     beta: float = Field(
         0.0, ge=0, description="KL coefficient to the frozen reference (R1: 0.001)."
+    )
+    use_bias_correction_kl: bool = Field(
+        False,
+        description="Multiply the KL term by the policy ratio (unbiased reverse-KL gradient, "
+        "DeepSeek-V3.2). TRL 1.16 turns it on by default; here it is off, R1's plain k3 KL.",
+    )
+    importance_sampling_level: ImportanceSamplingLevel = Field(
+        "token",
+        description="token: PPO ratio per token. sequence: GSPO, one ratio per sequence "
+        "(exp of its mean token log-ratio), clipped per sequence; pair it with loss_type grpo.",
     )
     scale: AdvantageScale = Field("group", description="Advantage deviation: group, batch, none.")
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal.")
@@ -104,10 +120,21 @@ class GRPOConfig(_Strict):
     updates_per_batch: int = Field(1, ge=1, description="Optimiser passes over each batch.")
     is_correction: ISCorrection = Field(
         "tis",
-        description="Off-policy correction of the surrogate by pi_trainer / pi_sampler per token: "
-        "tis truncates the weight at is_cap, mis drops tokens outside [1/is_cap, is_cap], none.",
+        description="Off-policy correction of the surrogate by pi_trainer / pi_sampler: tis "
+        "(= token_truncate) caps each token's weight at is_cap, mis (= token_mask) drops tokens "
+        "outside [1/is_cap, is_cap]; sequence_truncate / sequence_mask do the same with one "
+        "weight per sequence (the product of its token ratios; TRL's default is sequence_mask "
+        "with cap 3); none.",
     )
-    is_cap: float = Field(2.0, gt=1, description="Importance-weight cap (tis) or band (mis).")
+    is_cap: float = Field(2.0, gt=1, description="Importance-weight cap (truncate) or band (mask).")
+    max_nonfinite_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Stop the run when more than this fraction of a step's rewards, or of its "
+        "trained tokens' sampler log-probs, is NaN or infinite. Below it, a non-finite reward "
+        "gets advantage 0 and a non-finite log-prob no correction; both are counted and logged.",
+    )
 
 
 class OptimConfig(_Strict):
@@ -225,6 +252,12 @@ class TrainConfig(_Strict):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     asynchronous: AsyncConfig = Field(default_factory=AsyncConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @property
+    def max_completion_length(self) -> int:
+        """The most tokens the model may write in one trajectory (prompt and tool outputs not
+        counted): Dr. GRPO's constant and TRL's ``max_completion_length``."""
+        return self.rollout.max_new_tokens * self.agent.max_turns
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

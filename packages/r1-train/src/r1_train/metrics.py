@@ -12,9 +12,49 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+STEP_LOGS = (METRICS_FILE, SAMPLES_FILE)
+
+
+def trim_step_logs(run_dir: Path, next_step: int) -> dict[str, int]:
+    """Drop every row of the run's step logs whose ``step`` is ``>= next_step``.
+
+    Why: a step's metrics and samples are appended when the step ends, before its checkpoint
+    is written. A run that dies between the two (or while writing the checkpoint) resumes from
+    the previous checkpoint and logs those steps again; without this, ``metrics.jsonl`` read
+    ``[0, 1, 2, 2, 3]``. Called at the start of every run with the step it starts from, so each
+    log holds each step exactly once. A torn last line (a crash mid-write) is dropped too.
+    Returns the rows removed per file. The file is replaced atomically (written, then renamed).
+    """
+    removed: dict[str, int] = {}
+    for name in STEP_LOGS:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                dropped += 1  # a line cut short by the crash
+                continue
+            if isinstance(step, int) and step >= next_step:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = path.with_name(f".{name}.trim")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            tmp.replace(path)
+        removed[name] = dropped
+    return removed
 
 
 class MetricsWriter:
+    """Appends one JSON line per step to ``metrics.jsonl`` (and TensorBoard scalars)."""
+
     def __init__(self, run_dir: Path, *, tensorboard: bool = True) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS_FILE

@@ -3,13 +3,15 @@
 Sequences are packed right-padded as ``prompt + completion``; log-probs are taken only at the
 completion positions (the logits at position p predict token p + 1). Micro-batches use the
 whole batch's sequence and token counts as denominators, so the gradient does not depend on
-how the batch is split (see :mod:`r1_train.grpo`).
+how the batch is split (see :mod:`r1_train.grpo`), except under ``bnpo``, whose per-micro-batch
+normalisation is TRL's definition.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,12 @@ from r1_train.grpo import (
     LossStats,
     Mismatch,
     importance_weights,
+    nonfinite,
     policy_loss,
     sampler_mismatch,
     token_logprobs,
 )
+from r1_train.nonfinite import NonFiniteError
 
 
 def register_architecture(path: Path) -> None:
@@ -205,28 +209,51 @@ class Policy:
 
         Under data parallelism ``batch`` is this rank's share: pass the global sequence and
         token counts, and ``grad_scale`` = world size to undo the gradient averaging of the
-        all-reduce, so that the step equals the single-process step on the whole batch."""
+        all-reduce, so that the step equals the single-process step on the whole batch.
+
+        An optimiser step whose loss or gradient norm is not finite is skipped: the gradient is
+        dropped, the weights and AdamW's moments stay as they were, and ``update_skipped``
+        counts it (the schedule still advances, so it stays a function of the step). A NaN
+        in one parameter would otherwise spread to every weight through AdamW. Sampler
+        log-probs that are not finite on trained tokens get no correction and are counted
+        (``nonfinite_logprobs``); past ``grpo.max_nonfinite_fraction`` of the trained tokens
+        the update stops with :class:`NonFiniteError` before touching the weights."""
         rows_here = batch.input_ids.shape[0]
         n = num_sequences if num_sequences is not None else rows_here
         n_tok = num_tokens if num_tokens is not None else float(batch.completion_mask.sum())
+        row_slices = self._rows(rows_here)
+        # bnpo (TRL): each micro-batch's token mean over the number of micro-batches in the step,
+        # all ranks together (grad_scale is the world size).
+        n_micro = len(row_slices) * max(1, round(grad_scale))
+        bad_logprobs = 0
+        if batch.sampler_logp is not None:
+            bad_logprobs = nonfinite(batch.sampler_logp, batch.completion_mask)
+            trained = float(batch.completion_mask.sum()) or 1.0
+            if bad_logprobs / trained > self.grpo.max_nonfinite_fraction:
+                raise NonFiniteError(
+                    f"{bad_logprobs} of {int(trained)} trained tokens have a NaN or infinite "
+                    f"sampler log-prob, above grpo.max_nonfinite_fraction "
+                    f"({self.grpo.max_nonfinite_fraction}); the engine's log-probs are broken"
+                )
         stats: list[tuple[float, LossStats]] = []
         mismatch: list[tuple[float, Mismatch]] = []
         grad_norms = []
+        skipped = 0
         for epoch in range(self.grpo.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            for rows in self._rows(rows_here):
+            for rows in row_slices:
                 logp = completion_logprobs(self.model, batch, rows, self.temperature)
                 old = batch.old_logp[rows] if batch.old_logp is not None else logp.detach()
                 ref = batch.ref_logp[rows] if batch.ref_logp is not None else None
+                mask = batch.completion_mask[rows]
                 weights = None
                 if batch.sampler_logp is not None:
                     sampled = batch.sampler_logp[rows]
                     weights = importance_weights(
-                        old, sampled, self.grpo.is_correction, self.grpo.is_cap
+                        old, sampled, self.grpo.is_correction, self.grpo.is_cap, mask=mask
                     )
                     if epoch == 0:
-                        mask = batch.completion_mask[rows]
                         mismatch.append(
                             (
                                 float(mask.sum()),
@@ -237,7 +264,7 @@ class Policy:
                     logp,
                     old,
                     batch.advantages[rows],
-                    batch.completion_mask[rows],
+                    mask,
                     loss_type=self.grpo.loss_type,
                     epsilon_low=self.grpo.epsilon_low,
                     epsilon_high=self.grpo.epsilon_high,
@@ -247,15 +274,27 @@ class Policy:
                     num_tokens=n_tok,
                     max_completion_length=max_completion_length,
                     is_weights=weights,
+                    importance_sampling_level=self.grpo.importance_sampling_level,
+                    use_bias_correction_kl=self.grpo.use_bias_correction_kl,
+                    num_micro_batches=n_micro,
                 )
+                # Backward even on a non-finite loss: under data parallelism the NaN gradient
+                # reaches every rank's norm, so all ranks skip the same step.
                 torch.autograd.backward(loss * grad_scale if grad_scale != 1.0 else loss)
                 total += float(loss.detach())
-                stats.append((float(batch.completion_mask[rows].sum()), st))
+                stats.append((float(mask.sum()), st))
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
             full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
             grad_norms.append(float(full() if callable(full) else norm))
-            self.optimizer.step()
-            self.scheduler.step()
+            if math.isfinite(total) and math.isfinite(grad_norms[-1]):
+                self.optimizer.step()
+                self.scheduler.step()
+            else:
+                skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # stepping the schedule alone is intended here
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+                    self.scheduler.step()
         weight = sum(w for w, _ in stats) or 1.0
         out = {
             "loss": total,
@@ -265,6 +304,8 @@ class Policy:
             "clip_fraction": sum(w * s.clip_fraction for w, s in stats) / weight,
             "ratio_max": max((s.ratio_max for _, s in stats), default=1.0),
             "grad_finite": float(math.isfinite(grad_norms[-1])),
+            "update_skipped": float(skipped),
+            "nonfinite_logprobs": float(bad_logprobs),
         }
         if mismatch:
             total_tokens = sum(w for w, _ in mismatch) or 1.0

@@ -8,8 +8,11 @@ Per trajectory:
 * ``rm`` asks the scalar reward-model deployment (``reward.rm``).
 
 The reward is the weighted sum of the components in ``rewards.weights``. A component whose
-action fails for infrastructure reasons leaves the reward unset and marks the trajectory with
-``infra_error``: reported and left out of training, never scored 0.
+action fails for infrastructure reasons (a replica or worker lost past its retries, a timeout,
+a refusal) leaves the reward unset and marks the trajectory with ``infra_error``: reported and
+left out of training, never scored 0. A reward function that itself raises (the action's own
+``error`` status: a verifier's ``ValueError`` on a bad reference, say) is a bug in the reward or
+in the data, not infrastructure: :class:`RewardError` names the task and stops the run.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from opentelemetry import trace
 from r1_train.agent_loop import Submitter, Trajectory, step_priority
 from r1_train.config import RewardsConfig
 from tangram_core import semconv as sc
-from tangram_core.actions import Action, ActionResult
+from tangram_core.actions import Action, ActionResult, ActionStatus
 
 _tracer = trace.get_tracer("r1_train")
 RULES = ("math", "format", "countdown")
@@ -35,7 +38,25 @@ class RewardFailed(RuntimeError):
     """A reward action did not produce a score (infrastructure), so the sample is not scored."""
 
 
-def _checked(result: ActionResult, what: str) -> Any:
+class RewardError(RuntimeError):
+    """The reward function raised on a task: a bug in the reward or the data, so the run stops.
+
+    Dropping the group as an infrastructure error would hide it: every group of a task with a
+    bad reference is dropped, the run trains on nothing and still ends with status 0."""
+
+    def __init__(self, what: str, traj: Trajectory, step: int, result: ActionResult) -> None:
+        super().__init__(
+            f"reward {what} raised {result.error_type or 'an error'} on task {traj.task.id!r} "
+            f"(step {step}, trajectory {traj.id}): {result.error}. A reward that raises is a bug "
+            "in the reward function or in the task's data (e.g. its 'answer'), not "
+            "infrastructure: fix the task or the reward and run again"
+        )
+        self.task_id, self.step, self.error_type = traj.task.id, step, result.error_type
+
+
+def _checked(result: ActionResult, what: str, traj: Trajectory, step: int) -> Any:
+    if result.status is ActionStatus.ERROR:
+        raise RewardError(what, traj, step, result)
     if not result.ok:
         raise RewardFailed(f"{what} {result.status.value}: {result.error}")
     return result.output
@@ -59,7 +80,7 @@ async def _rules(
     )
     result = await orch.submit(action)
     traj.action_act_s[KIND_RULES] = result.act_s
-    out = _checked(result, KIND_RULES)
+    out = _checked(result, KIND_RULES, traj, step)
     return {k: float(v) for k, v in out["scores"].items()}
 
 
@@ -96,12 +117,14 @@ async def _rm(orch: Submitter, traj: Trajectory, step: int) -> float:
     )
     result = await orch.submit(action)
     traj.action_act_s[KIND_RM] = result.act_s
-    out = _checked(result, KIND_RM)
+    out = _checked(result, KIND_RM, traj, step)
     return float(out["reward"] if isinstance(out, dict) else out)
 
 
 async def score_one(orch: Submitter, traj: Trajectory, cfg: RewardsConfig, step: int) -> None:
-    """Fill ``traj.reward`` and ``traj.reward_parts``, or ``traj.infra_error``."""
+    """Fill ``traj.reward`` and ``traj.reward_parts``, or ``traj.infra_error``.
+
+    Raises :class:`RewardError` when a reward function raised on this trajectory's task."""
     if traj.infra_error:
         return
     with _tracer.start_as_current_span(

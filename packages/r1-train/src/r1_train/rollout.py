@@ -109,15 +109,51 @@ def sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
     ]
 
 
+WEIGHT_DROP_PREFIX = "r1-train-weights-"
+
+
+def remove_stale_weight_drops(root: Path) -> list[Path]:
+    """Delete ``r1-train-weights-PID-*`` folders under ``root`` whose process ``PID`` is gone.
+
+    Why: the folder is removed when its run closes the engine, but a run killed with SIGKILL
+    leaves it (and its weights, the model's size in RAM-backed ``/dev/shm``) behind. Folders
+    of live processes, and names without a pid, are left alone. Returns what was removed."""
+    removed = []
+    for path in Path(root).glob(f"{WEIGHT_DROP_PREFIX}*"):
+        pid_text = path.name[len(WEIGHT_DROP_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to clean
+        return True
+    return True
+
+
 class _WeightDrop:
     """A private directory in ``/dev/shm`` through which new weights reach the engine.
 
     Both engines run on this host, so a safetensors file in shared memory is the cheapest way
     across the process boundary (vLLM's engine core, or a server process): no socket and no
-    pickling. The file lives only while the engine loads it."""
+    pickling. The file lives only while the engine loads it.
+
+    The folder's name carries the owning process id (``r1-train-weights-PID-*``): a run killed
+    with ``kill -9`` cannot remove its folder, so each new one first removes the folders whose
+    owner is dead (:func:`remove_stale_weight_drops`)."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="r1-train-weights-", dir=_shm_dir()))
+        shm = _shm_dir()
+        remove_stale_weight_drops(Path(shm or tempfile.gettempdir()))
+        prefix = f"{WEIGHT_DROP_PREFIX}{os.getpid()}-"
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
 
     @contextlib.contextmanager
     def staged(self, state_dict: dict[str, Any]) -> Iterator[str]:
@@ -183,6 +219,36 @@ class VLLMEngine:
             (fingerprint,) = self.llm.collective_rpc("load_weights_from", args=(weights_dir,))
         self.llm.reset_prefix_cache()
         return float(fingerprint)
+
+    def diagnose(self) -> str | None:
+        """How vLLM's engine processes ended, if one did: the root cause a dead engine's
+        ``EngineDeadError`` ("See stack trace (above)") does not carry. None while all run."""
+        import signal
+
+        manager = getattr(
+            getattr(
+                getattr(getattr(self.llm, "llm_engine", None), "engine_core", None),
+                "resources",
+                None,
+            ),
+            "engine_manager",
+            None,
+        )
+        ended = []
+        for proc in getattr(manager, "processes", None) or []:
+            code = proc.exitcode
+            if code is None:
+                continue
+            how = f"exit status {code}"
+            if code < 0:
+                name = signal.Signals(-code).name
+                how = f"killed by {name}" + (
+                    " (sent by a user or the kernel's OOM killer: see `dmesg`)"
+                    if name == "SIGKILL"
+                    else ""
+                )
+            ended.append(f"vLLM process {proc.name} (pid {proc.pid}) ended: {how}")
+        return "; ".join(ended) or None
 
     def close(self) -> None:
         self.weight_drop.remove()

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 TaskType = Literal["math", "code", "countdown"]
+
+
+class TaskDataError(ValueError):
+    """The task data cannot be trained on (a bad row, a prompt too long): names file and row."""
 
 
 class Task(BaseModel):
@@ -43,6 +48,14 @@ class Task(BaseModel):
 
     @model_validator(mode="after")
     def _scorable(self) -> Task:
+        if not self.prompt.strip():
+            raise ValueError(f"task {self.id!r} has a blank 'prompt'")
+        if self.answer is not None and not self.answer.strip():
+            # the math verifier refuses a blank reference at scoring time, on every sample
+            raise ValueError(
+                f"task {self.id!r} has a blank 'answer' ({self.answer!r}): give the reference "
+                "answer, or leave the key out for a code or countdown task"
+            )
         if not (self.answer or self.tests or self.numbers):
             raise ValueError(
                 f"task {self.id!r} has nothing to score against: give 'answer', 'tests' "
@@ -153,9 +166,9 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            raise TaskDataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object")
+            raise TaskDataError(f"{path}:{n}: each line must be a JSON object")
         rows.append(row)
     return rows
 
@@ -173,7 +186,38 @@ def load_tasks(path: Path) -> list[Task]:
             bad = "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors()
             )
-            raise ValueError(f"{path}: row {n}: {bad}") from None
+            raise TaskDataError(f"{path}: row {n}: {bad}") from None
     if not tasks:
-        raise ValueError(f"{path}: no tasks in the file")
+        raise TaskDataError(f"{path}: no tasks in the file")
     return tasks
+
+
+def check_prompt_lengths(
+    tasks: list[Task],
+    render: Callable[[Task], str],
+    tokenizer: Any,
+    *,
+    max_total_tokens: int,
+    source: Path | None = None,
+) -> None:
+    """Refuse, at load time, every task whose rendered prompt leaves no room to answer.
+
+    Why: the agent loop refuses such a prompt only when a step samples it, which can be many
+    steps (and checkpoints) into a run. ``render`` is the trainer's prompt text (template and
+    prefill included), tokenised as the rollout does. The rule is the rollout's: the prompt
+    must be shorter than ``max_total_tokens - 1``. ``source`` is the task file, whose rows are
+    named in the error (tasks come in row order); generated tasks are named by id.
+    """
+    bad = []
+    for row, task in enumerate(tasks, 1):
+        n = len(tokenizer.encode(render(task), add_special_tokens=False))
+        if n >= max_total_tokens - 1:
+            where = f"{source}: row {row} (id {task.id!r})" if source else f"task {task.id!r}"
+            bad.append(f"{where}: the prompt is {n} tokens")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise TaskDataError(
+            f"{len(bad)} prompt(s) do not fit rollout.max_total_tokens ({max_total_tokens}), "
+            f"which must exceed the prompt by at least 2 tokens: {shown}. Raise "
+            "rollout.max_total_tokens or shorten or remove these rows"
+        )

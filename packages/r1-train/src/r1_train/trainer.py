@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import statistics
 import time
@@ -35,13 +36,21 @@ from r1_train.agent_loop import Trajectory, rollout
 from r1_train.checkpoint import latest_checkpoint, next_step, restore_trainer_state, save_checkpoint
 from r1_train.config import ModelConfig, TrainConfig
 from r1_train.grpo import group_advantages, informative_groups, overlong_penalty
-from r1_train.metrics import MetricsWriter
+from r1_train.metrics import SAMPLES_FILE, MetricsWriter, trim_step_logs
+from r1_train.nonfinite import check_rewards
 from r1_train.policy import Policy, make_batch
 from r1_train.prompts import render_prompt
 from r1_train.rewards import score_all
 from r1_train.rollout import OpenAIServerEngine, RolloutEngine, VLLMEngine, checkpoint_tensors
 from r1_train.services import services
-from r1_train.tasks import CODE_PROBLEMS, Task, arithmetic, countdown, load_tasks
+from r1_train.tasks import (
+    CODE_PROBLEMS,
+    Task,
+    arithmetic,
+    check_prompt_lengths,
+    countdown,
+    load_tasks,
+)
 from tangram_core import semconv as sc
 
 _tracer = trace.get_tracer("r1_train")
@@ -74,9 +83,13 @@ def select_for_training(
     g = cfg.rollout.group_size
     groups = [trajs[i : i + g] for i in range(0, len(trajs), g)]
     ok = [grp for grp in groups if all(t.reward is not None and not t.infra_error for t in grp)]
-    info = {"infra_dropped": len(groups) - len(ok), "flat_dropped": 0}
+    info = {"infra_dropped": len(groups) - len(ok), "flat_dropped": 0, "nonfinite_rewards": 0}
     if not ok:
         return [], info
+    # NaN/inf rewards: counted and named here (or the run stops), advantage 0 in group_advantages
+    info["nonfinite_rewards"] = check_rewards(
+        [t for grp in ok for t in grp], cfg.grpo.max_nonfinite_fraction
+    )
     rewards = torch.tensor([t.reward for grp in ok for t in grp], dtype=torch.float64)
     if cfg.grpo.overlong_buffer:
         lengths = torch.tensor([sum(t.mask) for grp in ok for t in grp])
@@ -99,6 +112,50 @@ def select_for_training(
     adv = group_advantages(rewards, g, scale=cfg.grpo.scale).tolist()
     flat = [t for grp in ok for t in grp]
     return list(zip(flat, adv, strict=True)), info
+
+
+class StepLost(RuntimeError):
+    """A step's rollout or weight sync failed (the engine died, say): its groups are lost.
+
+    Why: vLLM's own ``EngineDeadError`` says only "See stack trace (above)". This names the
+    step, the groups not trained on, how the engine's processes ended, and the checkpoint a
+    resumed run (``run.resume=true``) starts from."""
+
+    def __init__(
+        self,
+        step: int,
+        task_ids: list[str],
+        phase: str,
+        cause: Exception,
+        root: str | None,
+        run_dir: Path,
+    ) -> None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            resume = "no checkpoint was written yet: a resumed run starts again from step 0"
+        else:
+            nxt = next_step(ckpt)
+            redo = f", redoing steps {nxt}-{step}" if nxt < step else ""
+            resume = f"resume with run.resume=true from {ckpt} (next step {nxt}{redo})"
+        lost = ", ".join(f"prompt {i} ({tid})" for i, tid in enumerate(task_ids)) or "none"
+        super().__init__(
+            f"step {step}: {phase} failed: {cause!r}"
+            + (f"; {root}" if root else "")
+            + f". Not trained on: the {len(task_ids)} group(s) of step {step}: {lost}. "
+            f"Steps before {step} are trained and logged; {resume}"
+        )
+        self.step, self.task_ids, self.phase, self.cause, self.root = (
+            step,
+            task_ids,
+            phase,
+            cause,
+            root,
+        )
+        self.checkpoint = ckpt
+
+
+class NothingTrained(RuntimeError):
+    """A run whose steps all ended without an update: it must fail, not finish with exit 0."""
 
 
 @dataclass
@@ -124,6 +181,17 @@ class Trainer:
             model_cfg = ModelConfig(path=resume_from, dtype=cfg.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_cfg.path)
         self.tasks = build_tasks(cfg)
+        # before the policy and the engine start: a prompt too long for the context must fail
+        # here, naming its file and row, not when a step first samples it
+        check_prompt_lengths(
+            self.tasks,
+            self.prompt_text,
+            self.tokenizer,
+            max_total_tokens=cfg.rollout.max_total_tokens,
+            source=cfg.task.path if cfg.task.kind in ("jsonl", "parquet") else None,
+        )
+        # steps at or after the start step are (re)done by this run: their old rows go
+        self.trimmed_rows = trim_step_logs(self.run_dir, self.start_step)
         self.policy = Policy(
             model_cfg,
             cfg.optim,
@@ -134,6 +202,9 @@ class Trainer:
         )
         if resume_from is not None:
             restore_trainer_state(resume_from, self.policy)
+        if engine is not None and resume_from is not None:
+            # an engine from outside holds weights we do not know: bring it to the checkpoint's
+            engine.sync_weights(checkpoint_tensors(self.policy.model), self.start_step)
         if engine is None and cfg.rollout.engine == "openai":
             assert cfg.rollout.server_url is not None  # the config validator guarantees it
             engine = OpenAIServerEngine(cfg.rollout.server_url, cfg.rollout)
@@ -148,6 +219,8 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.run.tensorboard)
         self.version = self.start_step
         self.engine_fingerprint: float | None = None  # what the engine reported after a sync
+        self.groups_trained = 0  # over this process's steps; a run that trains none fails
+        self._current: tuple[int, list[Task]] = (self.start_step, [])  # the step under way
 
     def prompt_text(self, task: Task) -> str:
         text = render_prompt(task, self.cfg.task.template, self.cfg.agent, self.tokenizer)
@@ -161,18 +234,22 @@ class Trainer:
             sc.SPAN_TRAIN_STEP, attributes={sc.STEP_ID: step, sc.POLICY_VERSION: self.version}
         ) as step_span:
             tasks = tasks_for_step(self.tasks, cfg, step)
+            self._current = (step, tasks)
             with _tracer.start_as_current_span(sc.SPAN_ROLLOUT, attributes={sc.STEP_ID: step}):
-                trajs = await rollout(
-                    self.engine,
-                    orch,
-                    self.tokenizer,
-                    [(t, self.prompt_text(t)) for t in tasks],
-                    rollout_cfg=cfg.rollout,
-                    agent=cfg.agent,
-                    step=step,
-                    seed=cfg.run.seed,
-                    timings=clock,
-                )
+                try:
+                    trajs = await rollout(
+                        self.engine,
+                        orch,
+                        self.tokenizer,
+                        [(t, self.prompt_text(t)) for t in tasks],
+                        rollout_cfg=cfg.rollout,
+                        agent=cfg.agent,
+                        step=step,
+                        seed=cfg.run.seed,
+                        timings=clock,
+                    )
+                except Exception as exc:
+                    raise self._lost(step, tasks, "the rollout", exc) from exc
             t0 = time.perf_counter()
             with _tracer.start_as_current_span(
                 sc.SPAN_TRAIN_REWARDS, attributes={sc.STEP_ID: step}
@@ -196,7 +273,18 @@ class Trainer:
         return StepResult(step, row, trajs)
 
     async def _sync_engine(self, state: dict[str, Any], version: int) -> float:
-        return await asyncio.to_thread(self.engine.sync_weights, state, version)
+        try:
+            return await asyncio.to_thread(self.engine.sync_weights, state, version)
+        except Exception as exc:
+            step, tasks = self._current
+            raise self._lost(step, tasks, "the weight sync to the engine", exc) from exc
+
+    def _lost(self, step: int, tasks: list[Task], phase: str, cause: Exception) -> StepLost:
+        """The error that ends the run when the engine fails under ``step``: what was lost and
+        where to resume from (as the asynchronous trainer's ``RolloutsLost`` does)."""
+        diagnose = getattr(self.engine, "diagnose", None)
+        root = diagnose() if callable(diagnose) else None
+        return StepLost(step, [t.id for t in tasks], phase, cause, root, self.run_dir)
 
     async def update_and_publish(
         self,
@@ -211,6 +299,7 @@ class Trainer:
         t0 = time.perf_counter()
         with _tracer.start_as_current_span(sc.SPAN_TRAIN_UPDATE, attributes={sc.STEP_ID: step}):
             update = await asyncio.to_thread(self.train_on, kept)
+        self.groups_trained += len(kept) // self.cfg.rollout.group_size
         clock["update"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with _tracer.start_as_current_span(
@@ -223,7 +312,7 @@ class Trainer:
 
     def log_samples(self, step: int, trajs: list[Trajectory], per_step: int = 4) -> None:
         """A few whole trajectories per step, to read what the model actually does."""
-        with (self.run_dir / "samples.jsonl").open("a") as f:
+        with (self.run_dir / SAMPLES_FILE).open("a") as f:
             for t in trajs[:per_step]:
                 record = {
                     "step": step,
@@ -256,7 +345,7 @@ class Trainer:
         if not float(batch.completion_mask.sum()):
             return {}
         self.policy.fill_old_and_ref(batch)
-        return self.policy.update(batch, max_completion_length=self.cfg.rollout.max_total_tokens)
+        return self.policy.update(batch, max_completion_length=self.cfg.max_completion_length)
 
     def metrics_row(
         self,
@@ -266,12 +355,15 @@ class Trainer:
         clock: dict[str, float],
     ) -> dict[str, Any]:
         scored = [t for t in trajs if t.reward is not None]
+        # Means over finite values only: a non-finite reward is counted (nonfinite_rewards)
+        # and logged by name, not allowed to turn the step's means into NaN (null in JSON).
+        finite = [t for t in scored if math.isfinite(t.reward or 0.0)]
         row: dict[str, Any] = {
             "policy_version": self.version,
             "samples": len(trajs),
             "infra_errors": sum(1 for t in trajs if t.infra_error),
             **info,
-            "reward_mean": statistics.fmean(t.reward or 0.0 for t in scored) if scored else None,
+            "reward_mean": statistics.fmean(t.reward or 0.0 for t in finite) if finite else None,
             "response_tokens_mean": statistics.fmean(sum(t.mask) for t in trajs),
             "turns_mean": statistics.fmean(t.turns for t in trajs),
             "tool_calls": sum(len(t.tool_calls) for t in trajs),
@@ -279,6 +371,7 @@ class Trainer:
         }
         for name in self.cfg.rewards.weights:
             vals = [t.reward_parts[name] for t in scored if name in t.reward_parts]
+            vals = [v for v in vals if math.isfinite(v)]
             row[f"reward/{name}"] = statistics.fmean(vals) if vals else None
         primary = next((p for p in PRIMARY if p in self.cfg.rewards.weights), None)
         if primary is not None:
@@ -305,7 +398,9 @@ class Trainer:
             if self.cfg.run.mode == "async":
                 from r1_train.async_trainer import AsyncRun
 
-                return await AsyncRun(self, orch).run()
+                results = await AsyncRun(self, orch).run()
+                self._check_trained(results)
+                return results
             bar = tqdm(
                 range(self.start_step, self.cfg.run.steps),
                 desc="GRPO",
@@ -323,7 +418,23 @@ class Trainer:
                     loss=f"{m.get('loss', float('nan')):.4f}",
                 )
                 self.save_if_due(step)
+        self._check_trained(results)
         return results
+
+    def _check_trained(self, results: list[StepResult]) -> None:
+        """A run that stepped but trained on no group has failed, whatever dropped the groups:
+        its checkpoints equal the initial model, and it must not end with status 0."""
+        if not results or self.groups_trained:
+            return
+        infra = sum(r.metrics.get("infra_dropped", 0) for r in results)
+        flat = sum(r.metrics.get("flat_dropped", 0) for r in results)
+        errors = [t.infra_error for r in results for t in r.trajectories if t.infra_error]
+        first = f"; the first error: {errors[0]}" if errors else ""
+        raise NothingTrained(
+            f"steps {results[0].step}-{results[-1].step} trained on no group: {infra} group(s) "
+            f"dropped for infrastructure errors, {flat} for equal rewards "
+            f"(grpo.dynamic_sampling){first}. The checkpoints hold the initial model"
+        )
 
     def save_if_due(self, step: int) -> None:
         """Checkpoint after ``step`` every ``run.save_every`` steps, and after the last."""
