@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from tangram_sandbox import program
+
 if TYPE_CHECKING:
     from tangram_sandbox.config import PoolConfig
 
@@ -142,11 +144,7 @@ def package_root() -> str:
 #: and can read its memory, environment block included, so a zygote that inherited the
 #: server's environment would hand ``TANGRAM_API_TOKEN`` (and every other secret of the
 #: server) to each program. Programs get their own fixed environment on top of this.
-ZYGOTE_ENV: dict[str, str] = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "LC_ALL": "C.UTF-8",
-}
+ZYGOTE_ENV: dict[str, str] = {key: program._ENV[key] for key in ("PATH", "LANG", "LC_ALL")}
 
 
 def zygote_command(python: str, mode: str, cfg: dict[str, object]) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import resource
@@ -84,11 +83,9 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
         for path in [*cfg.get("hide", ()), *cfg["cgroup_dirs"].values()]:
             with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
                 _sys.mount("tmpfs", path, "tmpfs", hidden, "size=4k,mode=0")
-    os.write(fds["status"], b"r")  # the zygote may now enter our mount namespace
-    # Each source out of the way of the targets 0-5 first, so that no dup2 clobbers another.
-    high = {name: fcntl.fcntl(fd, fcntl.F_DUPFD, 16) for name, fd in fds.items()}
+    os.write(fds["status"], b"r")  # the zygote may now take hold of our working directory
     for target, name in enumerate(("stdin", "stdout", "stderr", "result", "go", "status")):
-        os.dup2(high[name], target)
+        os.dup2(fds[name], target)
     os.set_inheritable(STATUS_FD, False)
     os.closerange(STATUS_FD + 1, 1 << 16)
     os.chdir(WORKDIR)
