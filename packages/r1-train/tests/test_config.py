@@ -93,7 +93,7 @@ def test_run_under_torchrun_with_several_ranks_refuses_before_starting_anything(
     assert main(["run", f"model.path={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "one of 2 ranks (WORLD_SIZE=2)" in err
-    assert "Run without torchrun" in err
+    assert "run once without torchrun and set cluster.trainer.ranks" in err
 
 
 def test_shipped_configs_are_valid(model_dir: Path) -> None:
@@ -101,3 +101,19 @@ def test_shipped_configs_are_valid(model_dir: Path) -> None:
     assert configs
     for path in configs:
         load_config(path, [f"model.path={model_dir}"])
+
+
+def test_cluster_fields_are_validated_and_refuse_what_is_not_built(model_dir: Path) -> None:
+    base = [f"model.path={model_dir}"]
+    cfg = load_config(None, [*base, "cluster.trainer.ranks=2", "cluster.rollout.engines=3"])
+    assert cfg.cluster is not None
+    assert (cfg.cluster.trainer.ranks, cfg.cluster.rollout.engines) == (2, 3)
+    assert cfg.cluster.address == "auto"
+    assert cfg.cluster.layout == "auto"
+    assert load_config(None, base).cluster is None  # without cluster.*: the embedded run
+    with pytest.raises(ConfigError, match=r"cluster.trainer.ranks: Input should be greater"):
+        load_config(None, [*base, "cluster.trainer.ranks=0"])
+    with pytest.raises(ConfigError, match=r"cluster.trainer.strategy: Input should be"):
+        load_config(None, [*base, "cluster.trainer.strategy=SCATTER"])
+    with pytest.raises(ConfigError, match=r"run.mode 'async' does not run on a cluster yet"):
+        load_config(None, [*base, "cluster.rollout.engines=2", "run.mode=async"])

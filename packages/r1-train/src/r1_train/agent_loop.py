@@ -340,7 +340,11 @@ async def _independent(
                 t.truncated = True
                 return
             req = GenRequest(
-                t.prompt_ids + t.completion_ids, budget, _seed(seed, step, i, turn), stop
+                t.prompt_ids + t.completion_ids,
+                budget,
+                _seed(seed, step, i, turn),
+                stop,
+                group=i // cfg.group_size,
             )
             name = sc.gen_ai_span_name(sc.OP_TEXT_COMPLETION, source.model_name)
             attrs = _gen_span_attributes(source.model_name, cfg, step, turn, 1)
@@ -415,7 +419,9 @@ async def rollout(
                 t.truncated = True
                 continue
             ids = t.prompt_ids + t.completion_ids
-            requests.append(GenRequest(ids, budget, _seed(seed, step, i, turn), stop))
+            seed_i = _seed(seed, step, i, turn)
+            group = i // rollout_cfg.group_size
+            requests.append(GenRequest(ids, budget, seed_i, stop, group=group))
             batch.append(i)
         if not batch:
             break

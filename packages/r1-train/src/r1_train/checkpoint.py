@@ -4,6 +4,13 @@ A checkpoint folder is a loadable HF checkpoint (safetensors weights, config, to
 vLLM or transformers at it) plus ``trainer_state.pt`` (optimiser, schedule, torch RNG) and
 ``state.json`` (the next step). Task order and sampling seeds are functions of (seed, step),
 so nothing else is needed to replay the data stream.
+
+The optimiser state is stored whole and keyed by parameter name (torch's
+``get_optimizer_state_dict(full_state_dict=True)``), not by the position of a parameter in one
+process's optimiser: a checkpoint written by one process resumes on a cluster of N trainer
+ranks (FSDP2 shards it on load) and the other way round. ``trainer_state.pt`` holds only
+tensors and plain values and is read with ``weights_only=True``: a checkpoint folder from
+elsewhere cannot run code when it is resumed.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ class CheckpointWriteFailed(RuntimeError):
 def save_checkpoint(run_dir: Path, step: int, policy: Any, tokenizer: Any) -> Path:
     """Write the state after ``step`` steps; atomically visible (written, then renamed).
 
+    ``policy`` is anything with ``save(folder)`` (the HF weights and config) and
+    ``trainer_state()`` (optimiser by name, schedule, RNG): the one-process
+    :class:`~r1_train.policy.Policy`, or the cluster's trainer ranks.
+
     Raises :class:`CheckpointWriteFailed` when any part cannot be written (disk full, file
     size limit, permissions), with the partial ``.tmp-checkpoint-*`` folder removed."""
     final = run_dir / f"checkpoint-{step:06d}"
@@ -50,14 +61,7 @@ def save_checkpoint(run_dir: Path, step: int, policy: Any, tokenizer: Any) -> Pa
         # serialised in memory, then written by Python: a failed write then raises an OSError
         # with its errno and path, where torch's zip writer only reports a position mismatch
         buf = io.BytesIO()
-        torch.save(
-            {
-                "optimizer": policy.optimizer.state_dict(),
-                "scheduler": policy.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            buf,
-        )
+        torch.save(policy.trainer_state(), buf)
         with (tmp / "trainer_state.pt").open("wb") as f:
             f.write(buf.getbuffer())
         (tmp / "state.json").write_text(json.dumps({"next_step": step}))
@@ -128,8 +132,12 @@ def next_step(checkpoint: Path) -> int:
     return int(json.loads((checkpoint / "state.json").read_text())["next_step"])
 
 
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of ``checkpoint``, read without unpickling code."""
+    state: dict[str, Any] = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    return state
+
+
 def restore_trainer_state(checkpoint: Path, policy: Any) -> None:
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    policy.optimizer.load_state_dict(state["optimizer"])
-    policy.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    """Load the optimiser, schedule and RNG of ``checkpoint`` into ``policy``."""
+    policy.load_trainer_state(read_trainer_state(checkpoint))

@@ -2,6 +2,8 @@
 
     r1-train run --config configs/arithmetic_tool.yaml run.steps=20 grpo.beta=0.001
     r1-train run --config FILE.yaml --resume
+    r1-train run --config FILE.yaml cluster.address=auto cluster.trainer.ranks=2 \
+        cluster.rollout.engines=2          # trainer ranks and vLLM engines on a Ray cluster
     r1-train plot runs/r1
 
 A bad config prints every bad field with its rule and exits with status 2, before anything
@@ -62,12 +64,16 @@ def _run_failures() -> tuple[type[BaseException], ...]:
     """The errors a run ends with on purpose, each with a message that says what to do."""
     from r1_train.async_trainer import RolloutsLost
     from r1_train.checkpoint import CheckpointWriteFailed
+    from r1_train.engine_pool import EnginesLost
     from r1_train.nonfinite import NonFiniteError
+    from r1_train.placement import PlacementError
+    from r1_train.rank_group import TrainerRankLost
     from r1_train.rewards import RewardError
     from r1_train.trainer import NothingTrained, StepLost
 
     failures = (CheckpointWriteFailed, RewardError, NothingTrained, StepLost, NonFiniteError)
-    return (RolloutsLost, *failures)
+    cluster = (TrainerRankLost, EnginesLost, PlacementError)
+    return (RolloutsLost, *failures, *cluster)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"r1-train: launched as one of {world} ranks (WORLD_SIZE={world}); `r1-train run` "
             "trains in one process. The data-parallel update is r1_train.distributed "
-            "(FSDP2 under torchrun, see the README's Multi-GPU section); the rollout-on-rank-0 "
-            "loop around it is not built yet. Run without torchrun.",
+            "(FSDP2 under torchrun, see the README's Multi-GPU section). To train on several "
+            "processes or nodes, run once without torchrun and set cluster.trainer.ranks "
+            "(trainer ranks as Ray actors; see the README's Cluster section).",
             file=sys.stderr,
         )
         return 2
@@ -116,11 +123,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from r1_train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg)
+        if cfg.cluster is not None:
+            from r1_train.cluster_trainer import ClusterTrainer
+
+            trainer = ClusterTrainer(cfg)
+        else:
+            trainer = Trainer(cfg)
     except TaskDataError as exc:  # bad data (file and row), found before anything starts
         print(f"r1-train: {exc}", file=sys.stderr)
         telemetry.shutdown()
         return 2
+    except run_failures as exc:  # a cluster that cannot hold the run, a rank that died
+        print(f"r1-train: the run failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        telemetry.shutdown()
+        return 1
     try:
         results = asyncio.run(trainer.train())
     except run_failures as exc:

@@ -141,6 +141,7 @@ class OptimConfig(_Strict):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's eps (TRL/transformers' name).")
     grad_clip: float = Field(1.0, gt=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
@@ -225,6 +226,64 @@ class AsyncConfig(_Strict):
     )
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+class _RoleConfig(_Strict):
+    """What each member of a role (a trainer rank, a rollout engine) asks of the cluster: one
+    Ray placement-group bundle per member."""
+
+    strategy: PlacementStrategy = Field(
+        "PACK", description="Ray placement strategy of the role's bundles."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per member.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per member (1 on a GPU cluster; 0 trains on CPU with gloo)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per member, to pin a role to nodes that offer them.",
+    )
+
+
+class TrainerRoleConfig(_RoleConfig):
+    ranks: int = Field(1, ge=1, description="Trainer ranks (data parallel, FSDP2 when > 1).")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend: auto is nccl with GPUs, else gloo."
+    )
+
+
+class RolloutRoleConfig(_RoleConfig):
+    engines: int = Field(1, ge=1, description="vLLM engines, each a Ray actor.")
+
+
+class ClusterConfig(_Strict):
+    """``cluster.*``: run the trainer ranks and rollout engines as Ray actors on a cluster.
+
+    Without it the run is the embedded one-machine run. See the README's Cluster section."""
+
+    address: str = Field(
+        "auto",
+        description="auto: RAY_ADDRESS or a running `ray start` on this node; local: start a "
+        "Ray for this run only; else a cluster address (host:port or ray://host:port).",
+    )
+    layout: Literal["auto", "split", "shared"] = Field(
+        "auto",
+        description="split: rollout engines on nodes that hold no trainer rank; shared: Ray "
+        "places both roles where they fit; auto: split when the cluster has several nodes.",
+    )
+    trainer: TrainerRoleConfig = Field(default_factory=TrainerRoleConfig)
+    rollout: RolloutRoleConfig = Field(default_factory=RolloutRoleConfig)
+    weight_sync: Literal["object_store"] = Field(
+        "object_store",
+        description="How new weights reach the engines: object_store (rank 0 puts the whole "
+        "state dict into Ray's object store once; each engine pulls it to its node).",
+    )
+    placement_timeout_s: float = Field(
+        300.0, gt=0, description="How long to wait for the cluster to fit a role's bundles."
+    )
+
+
 class RunConfig(_Strict):
     mode: Literal["sync", "async"] = Field(
         "sync", description="async: rollouts run ahead of training (see the asynchronous section)."
@@ -252,6 +311,9 @@ class TrainConfig(_Strict):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     asynchronous: AsyncConfig = Field(default_factory=AsyncConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    cluster: ClusterConfig | None = Field(
+        None, description="Set (even to {}) to place trainer ranks and engines on a Ray cluster."
+    )
 
     @property
     def max_completion_length(self) -> int:
@@ -281,6 +343,16 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "run.mode 'async' updates weights between decode steps of the in-process engine; "
                 "set rollout.engine to 'vllm'"
+            )
+        if self.cluster is not None and self.run.mode == "async":
+            raise ValueError(
+                "run.mode 'async' does not run on a cluster yet (its engine takes weights between "
+                "decode steps in this process); drop cluster.* or set run.mode to 'sync'"
+            )
+        if self.cluster is not None and self.rollout.engine != "vllm":
+            raise ValueError(
+                "cluster.* starts its own vLLM engines as Ray actors; set rollout.engine to "
+                "'vllm' (rollout.server_url is for one server on this host)"
             )
         if self.task.kind == "code" and "code" not in self.rewards.weights:
             raise ValueError("task.kind 'code' is scored by tests: add 'code' to rewards.weights")

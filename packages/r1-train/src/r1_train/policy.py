@@ -75,6 +75,17 @@ class Batch:
     ref_logp: torch.Tensor | None = None
     sampler_logp: torch.Tensor | None = None  # [B, T] what the engine reported when sampling
 
+    def to_(self, device: torch.device) -> None:
+        """Move every tensor to ``device``, in place (the log-probs filled in later stay with
+        the batch the caller holds)."""
+        for name in ("input_ids", "attention_mask", "completion_ids", "completion_mask"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.advantages = self.advantages.to(device)
+        for name in ("old_logp", "ref_logp", "sampler_logp"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+
 
 def make_batch(
     prompts: list[list[int]],
@@ -141,14 +152,21 @@ class Policy:
         total_steps: int,
         temperature: float,
         reference: ModelConfig | None = None,
+        device: str = "cpu",
     ) -> None:
         """``reference`` is the frozen KL anchor, the run's initial model; it defaults to
-        ``model_cfg`` and must be given when resuming, or the anchor would move."""
+        ``model_cfg`` and must be given when resuming, or the anchor would move.
+
+        ``device``: where the policy computes ("cuda" for a cluster rank given a GPU); batches
+        are moved there as they arrive. The one-process run stays on the CPU, because its vLLM
+        engine holds the GPU."""
         from transformers import AutoModelForCausalLM
 
         self.dtype = pick_dtype(model_cfg)
+        self.device = torch.device(device)
         register_architecture(model_cfg.path)
         self.model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=self.dtype)
+        self.model.to(self.device)
         self.model.train()
         self.ref = None
         if grpo.beta > 0:
@@ -156,6 +174,7 @@ class Policy:
                 self.ref = copy.deepcopy(self.model)
             else:
                 self.ref = AutoModelForCausalLM.from_pretrained(reference.path, dtype=self.dtype)
+            self.ref.to(self.device)
             self.ref.train(False).requires_grad_(False)
         self.optim_cfg, self.grpo, self.temperature = optim, grpo, temperature
         self._total_steps = total_steps
@@ -168,7 +187,11 @@ class Policy:
 
         optim = self.optim_cfg
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+            self.model.parameters(),
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.adam_epsilon,
+            weight_decay=optim.weight_decay,
         )
         self.scheduler = get_scheduler(
             optim.schedule,
@@ -184,6 +207,7 @@ class Policy:
     @torch.no_grad()
     def fill_old_and_ref(self, batch: Batch) -> None:
         """Log-probs of the behaviour policy (before any update) and of the reference."""
+        batch.to_(self.device)
         n = batch.input_ids.shape[0]
         if self.grpo.updates_per_batch > 1:
             self.model.train(False)
@@ -218,6 +242,7 @@ class Policy:
         log-probs that are not finite on trained tokens get no correction and are counted
         (``nonfinite_logprobs``); past ``grpo.max_nonfinite_fraction`` of the trained tokens
         the update stops with :class:`NonFiniteError` before touching the weights."""
+        batch.to_(self.device)
         rows_here = batch.input_ids.shape[0]
         n = num_sequences if num_sequences is not None else rows_here
         n_tok = num_tokens if num_tokens is not None else float(batch.completion_mask.sum())
@@ -318,3 +343,52 @@ class Policy:
 
     def save(self, path: Path) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
+
+    def engine_state(self) -> dict[str, torch.Tensor]:
+        """The weights a rollout engine loads after an update (tied copies dropped)."""
+        from r1_train.rollout import checkpoint_tensors
+
+        return checkpoint_tensors(self.model)
+
+    def trainer_state(self) -> dict[str, Any]:
+        """Optimiser (whole, keyed by parameter name), schedule and RNG, for a checkpoint.
+
+        A collective under FSDP2: every rank must call it; rank 0 gets the whole state."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        # cpu_offload: host tensors (a checkpoint must not need a GPU to read); under FSDP only
+        # rank 0 receives them, the one that writes
+        optim = get_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+        return {
+            "optimizer": optim,
+            "optimizer_keys": "name",
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        """The inverse of :meth:`trainer_state`, sharded or not; also reads the older format
+        whose optimiser state is keyed by parameter position (one process only)."""
+        if state.get("optimizer_keys") == "name":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(
+                self.model,
+                self.optimizer,
+                state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])

@@ -36,6 +36,7 @@ class GenRequest:
     max_new_tokens: int
     seed: int
     stop: tuple[str, ...] = ()
+    group: int | None = None  # the GRPO group it belongs to: an engine pool keeps groups whole
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,16 @@ class RolloutEngine(Protocol):
 
 
 def checkpoint_tensors(model: Any) -> dict[str, Any]:
-    """The model's weights under their checkpoint names, tied copies dropped (safetensors refuses
-    aliased tensors, and vLLM re-ties them on load)."""
-    state = model.state_dict()
+    """The model's weights under their checkpoint names, whole, tied copies dropped.
+
+    Whole: under FSDP2 each parameter is all-gathered (a collective: every rank calls it).
+    Tied copies dropped: safetensors refuses aliased tensors, and vLLM re-ties them on load."""
+    from r1_train.distributed import full_state_dict
+
+    state = full_state_dict(model)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in state.items()}
+    return state
 
 
 def weight_fingerprint(state: dict[str, Any]) -> float:

@@ -41,7 +41,7 @@ from r1_train.nonfinite import check_rewards
 from r1_train.policy import Policy, make_batch
 from r1_train.prompts import render_prompt
 from r1_train.rewards import score_all
-from r1_train.rollout import OpenAIServerEngine, RolloutEngine, VLLMEngine, checkpoint_tensors
+from r1_train.rollout import OpenAIServerEngine, RolloutEngine, VLLMEngine
 from r1_train.services import services
 from r1_train.tasks import (
     CODE_PROBLEMS,
@@ -192,35 +192,48 @@ class Trainer:
         )
         # steps at or after the start step are (re)done by this run: their old rows go
         self.trimmed_rows = trim_step_logs(self.run_dir, self.start_step)
-        self.policy = Policy(
-            model_cfg,
-            cfg.optim,
-            cfg.grpo,
-            total_steps=cfg.run.steps,
-            temperature=cfg.rollout.temperature,
-            reference=cfg.model,
-        )
-        if resume_from is not None:
-            restore_trainer_state(resume_from, self.policy)
+        self.policy = self._make_policy(model_cfg, resume_from)
         if engine is not None and resume_from is not None:
             # an engine from outside holds weights we do not know: bring it to the checkpoint's
-            engine.sync_weights(checkpoint_tensors(self.policy.model), self.start_step)
-        if engine is None and cfg.rollout.engine == "openai":
-            assert cfg.rollout.server_url is not None  # the config validator guarantees it
-            engine = OpenAIServerEngine(cfg.rollout.server_url, cfg.rollout)
-            if resume_from is not None:
-                engine.sync_weights(checkpoint_tensors(self.policy.model), self.start_step)
-        self.engine = engine or VLLMEngine(
-            model_cfg.path,
-            cfg.rollout,
-            seed=cfg.run.seed,
-            dtype="bfloat16" if self.policy.dtype == torch.bfloat16 else "float32",
-        )
+            engine.sync_weights(self.policy.engine_state(), self.start_step)
+        self.engine = engine or self._make_engine(model_cfg, resume_from)
         self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.run.tensorboard)
         self.version = self.start_step
         self.engine_fingerprint: float | None = None  # what the engine reported after a sync
         self.groups_trained = 0  # over this process's steps; a run that trains none fails
         self._current: tuple[int, list[Task]] = (self.start_step, [])  # the step under way
+
+    def _make_policy(self, model_cfg: ModelConfig, resume_from: Path | None) -> Any:
+        """The trainable side: a :class:`Policy` in this process (the cluster run overrides
+        this with trainer ranks on Ray, which answer the same calls)."""
+        policy = Policy(
+            model_cfg,
+            self.cfg.optim,
+            self.cfg.grpo,
+            total_steps=self.cfg.run.steps,
+            temperature=self.cfg.rollout.temperature,
+            reference=self.cfg.model,
+        )
+        if resume_from is not None:
+            restore_trainer_state(resume_from, policy)
+        return policy
+
+    def _make_engine(self, model_cfg: ModelConfig, resume_from: Path | None) -> RolloutEngine:
+        """The rollout engine, starting from ``model_cfg``'s weights (the checkpoint's when
+        resuming): in-process vLLM, or a server that is brought to those weights."""
+        cfg = self.cfg
+        if cfg.rollout.engine == "openai":
+            assert cfg.rollout.server_url is not None  # the config validator guarantees it
+            server = OpenAIServerEngine(cfg.rollout.server_url, cfg.rollout)
+            if resume_from is not None:
+                server.sync_weights(self.policy.engine_state(), self.start_step)
+            return server
+        return VLLMEngine(
+            model_cfg.path,
+            cfg.rollout,
+            seed=cfg.run.seed,
+            dtype="bfloat16" if self.policy.dtype == torch.bfloat16 else "float32",
+        )
 
     def prompt_text(self, task: Task) -> str:
         text = render_prompt(task, self.cfg.task.template, self.cfg.agent, self.tokenizer)
@@ -305,7 +318,7 @@ class Trainer:
         with _tracer.start_as_current_span(
             sc.SPAN_TRAIN_WEIGHT_SYNC, attributes={sc.POLICY_VERSION: self.version + 1}
         ):
-            state = checkpoint_tensors(self.policy.model)
+            state = await asyncio.to_thread(self.policy.engine_state)
             self.engine_fingerprint = await publish(state, self.version + 1)
         clock["sync"] = time.perf_counter() - t0
         return update

@@ -1,0 +1,207 @@
+"""Rollout engines on a cluster: each a vLLM engine in a Ray actor, and the pool that spreads a
+step's groups over them and survives the loss of all but one.
+
+Dispatch is per GRPO group: a group's requests go to one engine (its members share a prompt,
+so vLLM's prefix cache serves them once) and stay on it for the step's later turns. A new group
+goes to the engine with the fewest requests in the current call, then the fewest groups this
+step. Every request carries its own seed, so a group samples the same tokens on any engine.
+
+Failover (synchronous runs): when an engine's actor dies, the requests it held are sent again
+to the engines still alive, the loss is counted (``engines_lost``, ``groups_redispatched``)
+and the run goes on; only when no engine is left does the step fail, naming every engine and
+how it ended. New weights reach every engine through Ray's object store: trainer rank 0 puts
+the state dict once, and each engine pulls it to its own node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from r1_train.config import RolloutConfig
+from r1_train.remote_trace import ENGINE, current_carrier, remote_span, where
+from r1_train.rollout import Generation, GenRequest
+
+SPAN_ENGINE_GENERATE = "tangram.rollout.engine.generate"
+SPAN_ENGINE_SYNC = "tangram.rollout.engine.weight_sync"
+
+
+class EnginesLost(RuntimeError):
+    """No rollout engine is left: the step cannot be generated."""
+
+
+class EngineWorker:
+    """One vLLM engine in a Ray actor (created by :func:`start_engines`)."""
+
+    def __init__(
+        self, index: int, model_path: str, cfg: RolloutConfig, seed: int, dtype: str
+    ) -> None:
+        from r1_train.reaper import start_reaper
+        from r1_train.rollout import VLLMEngine
+        from tangram_core.telemetry import configure_telemetry
+
+        # vLLM's EngineCore outlives this actor's process when it is killed (a node lost, a
+        # `ray.kill`): the watchdog stops it and frees its shared memory
+        start_reaper()
+        configure_telemetry(
+            service_name="r1-train", resource_attributes={"tangram.role": "rollout", ENGINE: index}
+        )
+        self.index = index
+        self.engine = VLLMEngine(Path(model_path), cfg, seed=seed, dtype=dtype)
+
+    def where(self) -> dict[str, Any]:
+        return {"engine": self.index, **where()}
+
+    def generate(
+        self, requests: list[GenRequest], carrier: dict[str, str]
+    ) -> tuple[list[Generation], dict[str, Any]]:
+        with remote_span(
+            SPAN_ENGINE_GENERATE, carrier, {ENGINE: self.index, "tangram.requests": len(requests)}
+        ) as span:
+            return self.engine.generate(requests), span
+
+    def sync_weights(
+        self, state: dict[str, Any], version: int, carrier: dict[str, str]
+    ) -> tuple[float, float, dict[str, Any]]:
+        """Load ``state`` (resolved by Ray from the object store on this node); returns the
+        engine's fingerprint, the seconds the load took here, and the span's ids."""
+        t0 = time.perf_counter()
+        with remote_span(SPAN_ENGINE_SYNC, carrier, {ENGINE: self.index}) as span:
+            fingerprint = self.engine.sync_weights(state, version)
+        return fingerprint, time.perf_counter() - t0, span
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class EnginePool:
+    """The cluster's engines behind the one-engine interface the agent loop uses."""
+
+    def __init__(self, workers: list[Any], places: list[dict[str, Any]], model_name: str) -> None:
+        self.workers = list(workers)
+        self.places = places
+        self.model_name = model_name
+        self.alive = list(range(len(workers)))
+        self.ended: dict[int, str] = {}  # engine -> how it was lost
+        self._sticky: dict[Any, int] = {}  # group -> engine, for the current step
+        self._step_groups: Counter[int] = Counter()
+        self.lost_since_take = 0
+        self.redispatched_since_take = 0
+        self.spans: list[dict[str, Any]] = []
+        self.last_sync_s: float = 0.0
+
+    def _place(self, requests: list[GenRequest]) -> dict[int, list[int]]:
+        """Request indices per engine: groups whole, sticky, new ones to the least loaded."""
+        plan: dict[int, list[int]] = {e: [] for e in self.alive}
+        for i, req in enumerate(requests):
+            key: Any = req.group if req.group is not None else ("request", i, req.seed)
+            engine = self._sticky.get(key)
+            if engine not in plan:
+                engine = min(self.alive, key=lambda e: (len(plan[e]), self._step_groups[e], e))
+                self._sticky[key] = engine
+                self._step_groups[engine] += 1
+            plan[engine].append(i)
+        return {e: idx for e, idx in plan.items() if idx}
+
+    def generate(self, requests: list[GenRequest]) -> list[Generation]:
+        import ray
+
+        out: list[Generation | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        carrier = current_carrier()
+        self.spans = []
+        while todo:
+            if not self.alive:
+                raise EnginesLost(
+                    f"every rollout engine is gone ({self.diagnose()}); "
+                    f"{len(todo)} request(s) of the step could not be generated"
+                )
+            sub = [requests[i] for i in todo]
+            plan = self._place(sub)
+            calls = {
+                self.workers[e].generate.remote([sub[j] for j in idx], carrier): (e, idx)
+                for e, idx in plan.items()
+            }
+            retry: list[int] = []
+            for ref, (engine, idx) in calls.items():
+                try:
+                    gens, span = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                    self._lose(engine, exc)
+                    groups = {sub[j].group for j in idx}
+                    self.redispatched_since_take += len(groups)
+                    retry += [todo[j] for j in idx]
+                    continue
+                self.spans.append(span)
+                for j, gen in zip(idx, gens, strict=True):
+                    out[todo[j]] = gen
+            todo = retry
+        return [g for g in out if g is not None]
+
+    def _lose(self, engine: int, exc: BaseException) -> None:
+        if engine in self.alive:
+            self.alive.remove(engine)
+            place = self.places[engine]
+            lines = str(exc).strip().splitlines()
+            self.ended[engine] = (
+                f"engine {engine} on node {str(place.get('node_id', '?'))[:12]} "
+                f"({place.get('ip', '?')}, pid {place.get('pid', '?')}): "
+                f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+            )
+            self.lost_since_take += 1
+            self._sticky = {k: e for k, e in self._sticky.items() if e != engine}
+
+    def sync_weights(self, state: Any, version: int) -> float:
+        """``state``: a dict, or a Ray object ref to one (what the trainer ranks return)."""
+        import ray
+
+        carrier = current_carrier()
+        ref = state if isinstance(state, ray.ObjectRef) else ray.put(state)
+        t0 = time.perf_counter()
+        calls = {self.workers[e].sync_weights.remote(ref, version, carrier): e for e in self.alive}
+        prints: dict[int, float] = {}
+        self.spans = []
+        for call, engine in calls.items():
+            try:
+                fingerprint, _, span = ray.get(call)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                self._lose(engine, exc)
+                continue
+            prints[engine] = fingerprint
+            self.spans.append(span)
+        self.last_sync_s = time.perf_counter() - t0
+        if not prints:
+            raise EnginesLost(f"no rollout engine took the new weights ({self.diagnose()})")
+        if len({round(p, 6) for p in prints.values()}) > 1:
+            raise RuntimeError(f"the engines disagree on the weights they loaded: {prints}")
+        return next(iter(prints.values()))
+
+    def take_stats(self) -> dict[str, Any]:
+        """The step's dispatch and failover figures for the metrics row; resets the counters
+        and the step's group placement (the next step's groups may go anywhere)."""
+        counts = [self._step_groups.get(e, 0) for e in self.alive] or [0]
+        self._sticky.clear()
+        self._step_groups.clear()
+        stats = {
+            "engines_alive": len(self.alive),
+            "engines_lost": self.lost_since_take,
+            "groups_redispatched": self.redispatched_since_take,
+            "dispatch_balance": max(counts) / min(counts) if min(counts) else None,
+        }
+        self.lost_since_take = self.redispatched_since_take = 0
+        return stats
+
+    def diagnose(self) -> str | None:
+        return "; ".join(self.ended.values()) or None
+
+    def close(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):  # an engine that died meanwhile has nothing to close
+            ray.get([self.workers[e].close.remote() for e in self.alive], timeout=60)
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                ray.kill(worker)
