@@ -76,3 +76,41 @@ def test_bad_inputs_fail_with_a_message(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["--from", str(tmp_path), "--out", str(tmp_path / "o"), "--pattern", "1:1"]) == 2
     assert "not supported" in capsys.readouterr().err
+
+
+def test_a_reward_model_is_refused_and_nothing_is_written(tiny_rm_dir, tmp_path):
+    # tiny-rm is a LlamaForSequenceClassification: llama-typed, but its head is `score`.
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    cmd = ["-m", "hysparse_vllm.convert", "--from", str(tiny_rm_dir), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, *cmd, "--pattern", "1:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "LlamaForSequenceClassification" in proc.stderr
+    assert "not a causal LM" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_a_headless_checkpoint_without_architectures_is_refused(tiny_model_dir, tmp_path, capsys):
+    # no `architectures` to go by: the tensors tell, an untied model needs lm_head.weight
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg.pop("architectures", None)
+    assert not cfg.get("tie_word_embeddings")
+    (src / "config.json").write_text(json.dumps(cfg))
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    state.pop("lm_head.weight")
+    save_file(state, str(src / "model.safetensors"))
+    assert main(["--from", str(src), "--out", str(tmp_path / "o"), "--pattern", "1:1"]) == 2
+    assert "no lm_head.weight" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -45,6 +46,11 @@ def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
             "deployment 'r': a 'judge' block needs kind 'judge', not 'rules'",
         ),
         ("deployments: [", "not valid YAML"),
+        (
+            "deployments:\n  - {name: rm, kind: scalar_rm, model_path: /nowhere/rm}",
+            "deployments[0] (rm): Value error, deployment 'rm': reward model path '/nowhere/rm' "
+            "does not exist",
+        ),
     ],
 )
 def test_check_names_the_problem(tmp_path, yaml_text, message):
@@ -67,6 +73,82 @@ def test_check_accepts_a_good_file(tmp_path, tiny_rm_dir, tiny_model_dir):
     out = cli("check", str(path))
     assert out.returncode == 0, out.stderr
     assert "3 deployment(s) OK" in out.stdout
+
+
+def test_check_refuses_a_causal_lm_as_a_reward_model(tmp_path, tiny_model_dir):
+    path = tmp_path / "rewards.yaml"
+    path.write_text(
+        f"deployments:\n  - {{name: rm, kind: scalar_rm, model_path: {tiny_model_dir}}}\n"
+    )
+    out = cli("check", str(path))
+    assert out.returncode == 2
+    assert "deployment 'rm'" in out.stderr
+    assert "is not a sequence-classification checkpoint" in out.stderr
+
+
+def cli_without(
+    modules: list[str], *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as if ``modules`` were not installed (``sys.modules[name] = None`` makes
+    every import of them raise ImportError, as a missing package does)."""
+    code = (
+        "import sys\n"
+        f"for name in {modules!r}:\n"
+        "    sys.modules[name] = None\n"
+        "from tangram_reward.cli import main\n"
+        f"sys.exit(main({list(args)!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_check_needs_no_ray(tmp_path, tiny_rm_dir):
+    path = tmp_path / "rewards.yaml"
+    path.write_text(
+        f"deployments:\n  - {{name: rules, kind: rules}}\n"
+        f"  - {{name: rm, kind: scalar_rm, model_path: {tiny_rm_dir}}}\n"
+    )
+    out = cli_without(["ray", "torch"], "check", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "2 deployment(s) OK" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("blocked", "deployment", "extra"),
+    [
+        (["ray"], "{name: rules, kind: rules}", "[serve]"),
+        (["torch"], "{name: rm, kind: scalar_rm, model_path: RM}", "[models]"),
+    ],
+)
+def test_serve_without_its_extra_names_the_extra(tmp_path, tiny_rm_dir, blocked, deployment, extra):
+    path, _ = rewards_file(tmp_path, deployment.replace("RM", str(tiny_rm_dir)))
+    out = cli_without(blocked, "serve", str(path), "--once")
+    assert out.returncode == 2, out.stderr
+    assert f"pip install 'tangram-reward-serve{extra}'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_missing_reward_model_before_starting_ray(tmp_path):
+    path, _ = rewards_file(tmp_path, "{name: rm, kind: scalar_rm, model_path: /nowhere/rm}")
+    out = cli("serve", str(path), "--once", timeout=60)
+    assert out.returncode == 2
+    assert "deployment 'rm': reward model path '/nowhere/rm' does not exist" in out.stderr
+    assert "replicas" not in out.stdout  # no health table: nothing was deployed
+
+
+def test_serve_sets_up_telemetry_from_the_otel_variables(tmp_path):
+    # configure_telemetry runs before Ray starts: a bad exporter name is named, exit 2
+    path, _ = rewards_file(tmp_path, "{name: rules, kind: rules}")
+    bad = {"OTEL_TRACES_EXPORTER": "carrier-pigeon"}
+    out = cli_without([], "serve", str(path), "--once", env=bad)
+    assert out.returncode == 2
+    assert "OTEL_TRACES_EXPORTER='carrier-pigeon'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def rewards_file(tmp_path, deployment: str, port: int | None = None):

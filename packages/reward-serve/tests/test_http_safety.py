@@ -131,6 +131,12 @@ def test_bad_payloads_get_422_naming_the_field_or_400(apps: Any) -> None:
         ("/guarded", {**GOOD, "weights": {"math": "heavy"}}, "weights.math", "valid number"),
         ("/rm", {"prompt": "p", "response": ""}, "response", "at least 1 character"),
         ("/rm", {"prompt": 3, "response": "r"}, "prompt", "valid string"),
+        (
+            "/rm",
+            {"prompt": "p", "response": "r", "model_id": "/nowhere/rm"},
+            "",
+            "deployment 'rm': reward model path '/nowhere/rm' does not exist",
+        ),
         ("/guarded", [1, 2], "", "must be a JSON object"),
     ]
     with client() as c:

@@ -58,6 +58,31 @@ class ConvertOptions(BaseModel):
     )
 
 
+def check_causal_lm(source: Path, source_cfg: dict[str, Any], names: set[str]) -> None:
+    """Refuse a checkpoint that is not a causal LM, before anything is written.
+
+    Why: a Llama-typed reward model or classifier (``LlamaForSequenceClassification``) has the
+    same ``model_type`` and decoder tensors, but its head is ``score``, not ``lm_head``.
+    Converted, it would carry no output head, and loading it would silently draw a random one.
+    ``names`` are the checkpoint's tensor names."""
+    archs = [str(a) for a in source_cfg.get("architectures") or []]
+    wrong = [a for a in archs if not a.endswith("ForCausalLM")]
+    if wrong:
+        raise ValueError(
+            f"{source}: architectures {wrong} is not a causal LM; hysparse-convert needs a "
+            "*ForCausalLM checkpoint (a reward model or classifier has no language-model head "
+            "to keep)"
+        )
+    tied = bool(source_cfg.get("tie_word_embeddings", False))
+    if not tied and "lm_head.weight" not in names:
+        heads = sorted(n for n in names if not n.startswith("model."))
+        raise ValueError(
+            f"{source}: no lm_head.weight and tie_word_embeddings is false, so the converted "
+            f"model would have no output head (tensors outside model.*: {heads[:5]}); pass a "
+            "causal-LM checkpoint"
+        )
+
+
 def hysparse_config_from(source_cfg: dict[str, Any], opts: ConvertOptions) -> Any:
     """A :class:`HySparseConfig` with the source's decoder shape and the chosen HySparse knobs."""
     from .config import HySparseConfig, parse_pattern
@@ -147,14 +172,30 @@ def convert_state_dict(state: dict[str, Any], config: Any, gate_bias: float) -> 
     return out
 
 
-def load_state_dict(source: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
+def _safetensors_files(source: Path) -> list[Path]:
     files = sorted(source.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
             f"{source}: no *.safetensors files (convert .bin checkpoints first)"
         )
+    return files
+
+
+def tensor_names(source: Path) -> set[str]:
+    """The checkpoint's tensor names, read from the file headers only (no weights loaded)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in _safetensors_files(source):
+        with safe_open(str(f), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def load_state_dict(source: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(source)
     state: dict[str, Any] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -171,10 +212,12 @@ def convert(opts: ConvertOptions) -> Path:
         raise FileNotFoundError(
             f"{opts.source}: no config.json; pass a Hugging Face checkpoint dir"
         )
-    config = hysparse_config_from(json.loads(cfg_path.read_text()), opts)
+    source_cfg = json.loads(cfg_path.read_text())
+    config = hysparse_config_from(source_cfg, opts)
+    check_causal_lm(opts.source, source_cfg, tensor_names(opts.source))
     state = load_state_dict(opts.source)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    target = dtypes[stored_dtype(json.loads(cfg_path.read_text()), opts)]
+    target = dtypes[stored_dtype(source_cfg, opts)]
     state = {k: v.to(target) for k, v in convert_state_dict(state, config, opts.gate_bias).items()}
     opts.out.mkdir(parents=True, exist_ok=True)
     config.architectures = ["HySparseForCausalLM"]

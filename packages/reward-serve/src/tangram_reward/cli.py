@@ -37,7 +37,32 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 if TYPE_CHECKING:
-    from tangram_reward.serve_app import RewardDeploymentConfig
+    from tangram_reward.deployment_config import RewardDeploymentConfig
+
+DISTRIBUTION = "tangram-reward-serve"
+# What each kind needs beyond the base install, by top-level module and the extra that has it.
+_SERVE_EXTRA = {"ray.serve": "serve"}
+_MODEL_EXTRA = {"torch": "models", "transformers": "models"}
+
+
+class MissingExtraError(ImportError):
+    """A command needs an optional dependency that is not installed; the message says which
+    extra installs it. The CLI answers it with exit status 2, never a traceback."""
+
+
+def require_extra(modules: dict[str, str], purpose: str) -> None:
+    """Import each of ``modules`` (top-level name -> extra) or raise :class:`MissingExtraError`
+    naming the extra, so a missing dependency is reported before anything starts."""
+    import importlib
+
+    for module, extra in modules.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise MissingExtraError(
+                f"{purpose} needs {module}, which is not installed ({exc}); "
+                f"install it with: pip install '{DISTRIBUTION}[{extra}]'"
+            ) from None
 
 
 class RewardServeFile(BaseModel):
@@ -64,7 +89,7 @@ def load_config(path: Path) -> tuple[RewardServeFile, list[RewardDeploymentConfi
     """Parse and validate the file; errors name the deployment index, field and rule."""
     import yaml
 
-    from tangram_reward.serve_app import RewardDeploymentConfig
+    from tangram_reward.deployment_config import RewardDeploymentConfig, first_error
 
     try:
         raw = yaml.safe_load(path.read_text())
@@ -73,33 +98,33 @@ def load_config(path: Path) -> tuple[RewardServeFile, list[RewardDeploymentConfi
     try:
         top = RewardServeFile.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
-        raise ValueError(f"{path}: {_first_error(exc)}") from None
+        raise ValueError(f"{path}: {first_error(exc)}") from None
     configs: list[RewardDeploymentConfig] = []
     for i, entry in enumerate(top.deployments):
         try:
             configs.append(RewardDeploymentConfig.model_validate(entry))
         except ValidationError as exc:
             raise ValueError(
-                f"{path}: deployments[{i}] ({entry.get('name', '?')}): {_first_error(exc)}"
+                f"{path}: deployments[{i}] ({entry.get('name', '?')}): {first_error(exc)}"
             ) from None
     return top, configs
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"])
-    return f"{field}: {err['msg']}" if field else str(err["msg"])  # cross-field: no location
-
-
 def _serve(path: Path, once: bool, token_file: Path | None) -> int:
+    top, configs = load_config(path)
+    require_extra(_SERVE_EXTRA, "tangram-reward serve (Ray Serve)")
+    models = sorted({c.kind for c in configs if c.kind != "rules"})
+    if models:
+        require_extra(_MODEL_EXTRA, f"a {' or '.join(models)} deployment")
     import ray
     from ray import serve
 
     from tangram_core.http_guard import check_bind, load_token
+    from tangram_core.telemetry import configure_telemetry
     from tangram_reward.gateway import RewardGateway, bind, run_in_thread, uvicorn_server
     from tangram_reward.serve_app import build_app, running_replicas
 
-    top, configs = load_config(path)
+    telemetry = configure_telemetry(service_name="tangram-reward")
     token = load_token(token_file)  # TokenError is a ValueError: exit 2 with its message
     check_bind(top.http_host, token, service="tangram-reward")
     if token is None:
@@ -154,6 +179,7 @@ def _serve(path: Path, once: bool, token_file: Path | None) -> int:
         sock.close()
         serve.shutdown()  # type: ignore[no-untyped-call]  # untyped in Ray 2.60
         ray.shutdown()
+        telemetry.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: {len(configs)} deployment(s) OK")
             return 0
         return _serve(args.config, args.once, args.token_file)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, MissingExtraError) as exc:
         print(f"tangram-reward {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -41,9 +41,10 @@ from tangram_core.http_guard import (
     Send,
     send_json,
 )
+from tangram_reward.deployment_config import RewardDeploymentConfig, validation_errors
 from tangram_reward.models.judge_parse import JudgeParseError
 from tangram_reward.rules.request import RuleRequest
-from tangram_reward.serve_app import RewardDeploymentConfig, ScoreRequest, validation_errors
+from tangram_reward.serve_app import ScoreRequest
 
 __all__ = [
     "HttpStatusError",
@@ -233,7 +234,9 @@ class RewardGateway:
             )
         if isinstance(cause, JudgeParseError):  # the judge failed, not the client
             return HttpStatusError(502, {"error": "JudgeParseError", "reason": cause.reason})
-        if isinstance(cause, ValueError):  # the replica's own check (a judge's model id)
+        if isinstance(cause, ValidationError):  # str() of one ends with a docs URL, not the why
+            return HttpStatusError(422, validation_errors(cause))
+        if isinstance(cause, ValueError):  # the replica's own check (a model id, a prompt)
             return HttpStatusError(422, [{"field": "", "error": str(cause).splitlines()[-1]}])
         if isinstance(exc, ray_errors.RayActorError | ray_errors.ActorUnavailableError):
             return HttpStatusError(

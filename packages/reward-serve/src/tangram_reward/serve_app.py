@@ -26,16 +26,19 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from tangram_core import semconv
-from tangram_core.http_guard import GuardConfig
 from tangram_core.telemetry import configure_telemetry
 from tangram_reward import __version__
-from tangram_reward.models.judge import JudgeConfig, JudgeSpec
+from tangram_reward.deployment_config import (
+    RewardDeploymentConfig,
+    error_text,
+    validation_errors,
+)
 from tangram_reward.rules.request import RuleRequest, score_rules
 from tangram_reward.tracing import (
     AttributedReward,
@@ -44,78 +47,6 @@ from tangram_reward.tracing import (
     batch_facts,
     scoring_span,
 )
-
-
-def _default_http() -> GuardConfig:
-    return GuardConfig(max_body_bytes=1 << 20)
-
-
-class RewardDeploymentConfig(BaseModel):
-    """One reward deployment, as declared in YAML or code."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["rules", "scalar_rm", "judge"]
-    model_path: str | None = Field(None, description="Checkpoint folder (scalar_rm, judge).")
-    judge: JudgeSpec | None = Field(
-        None, description="Rubric, score range and sampling of a 'judge'; defaults if unset."
-    )
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1, description="At least the batch size.")
-    max_queued_requests: int = Field(
-        128,
-        ge=1,
-        description="Requests waiting for a replica; past it Serve answers 503 (HTTP) or "
-        "raises BackPressureError (handles) at once instead of queueing without bound.",
-    )
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0, le=8, description="Fractions share one GPU.")
-    num_replicas: int = Field(1, ge=1)
-    device: str = "cpu"
-    env: dict[str, str] = Field(
-        default_factory=dict,
-        description="Environment of the replicas, e.g. OTEL_* to export their scoring spans.",
-    )
-    http: GuardConfig = Field(
-        default_factory=_default_http,
-        description="HTTP limits of this deployment's route on the gateway (body size, "
-        "per-client rate and concurrency, requests in flight and queued).",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RewardDeploymentConfig:
-        if self.kind in ("scalar_rm", "judge") and not self.model_path:
-            raise ValueError(f"deployment {self.name!r}: kind {self.kind!r} needs model_path")
-        if self.judge is not None and self.kind != "judge":
-            raise ValueError(
-                f"deployment {self.name!r}: a 'judge' block needs kind 'judge', not {self.kind!r}"
-            )
-        if self.kind == "judge":  # a missing or wrong checkpoint fails here, before Ray starts
-            try:
-                self.judge_config()
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                raise ValueError(
-                    f"deployment {self.name!r}: {err['msg'].removeprefix('Value error, ')}"
-                ) from None
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"deployment {self.name!r}: max_ongoing_requests ({self.max_ongoing_requests}) "
-                f"must be >= max_batch_size ({self.max_batch_size}), or batches never fill"
-            )
-        return self
-
-    def judge_config(self) -> JudgeConfig:
-        """The judge's full config: the ``judge`` block with this deployment's checkpoint."""
-        spec = self.judge or JudgeSpec()
-        fields = {**spec.model_dump(), "path": self.model_path, "device": self.device}
-        return JudgeConfig.model_validate(fields)
-
-
-def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Each failed field and its rule, as the HTTP 422 body and handle errors list them."""
-    return [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
 
 
 class _BatchControl(Protocol):
@@ -217,11 +148,17 @@ class ScalarRewardDeployment:
     # Reward heads held per replica. Ray 2.60 leaves serve.multiplexed untyped.
     @serve.multiplexed(max_num_models_per_replica=4)  # type: ignore[untyped-decorator]
     async def get_model(self, model_id: str) -> Any:
-        from tangram_reward.models import ScalarRewardModel, ScalarRewardModelConfig
+        from tangram_reward.models import ScalarRewardModel
 
-        return ScalarRewardModel(
-            ScalarRewardModelConfig.model_validate({"path": model_id, "device": self.config.device})
-        )
+        return ScalarRewardModel(self._checkpoint(model_id))
+
+    def _checkpoint(self, model_id: str | None) -> Any:
+        """The checkpoint's config; a request's ``model_id`` that is no reward model raises
+        ValueError naming the deployment and the path (the HTTP 422 text)."""
+        try:
+            return self.config.scalar_rm_config(model_id)
+        except ValidationError as exc:
+            raise ValueError(f"deployment {self.config.name!r}: {error_text(exc)}") from None
 
     @serve.batch
     async def score_batch(self, pending: list[Pending]) -> list[tuple[float, int, float]]:
@@ -265,6 +202,8 @@ class ScalarRewardDeployment:
             req = ScoreRequest(prompt=prompt, response=response, model_id=model_id)
         except ValidationError as exc:
             raise ValueError(f"invalid score request: {validation_errors(exc)}") from None
+        if req.model_id is not None:  # here, not in the batch: it would fail its neighbours
+            self._checkpoint(req.model_id)
         return await self._score(req, trace_context, request_id)
 
     def stats(self) -> dict[str, Any]:

@@ -1,16 +1,70 @@
-"""``tangram-sandbox``: print the isolation this host allows, serve the HTTP API, run a file."""
+"""``tangram-sandbox``: print the isolation this host allows, serve the HTTP API, run a file.
+
+Bad arguments (a missing file, a negative count) and a missing optional dependency exit with
+status 2 and a message naming the argument or the extra to install, never a traceback.
+``serve`` and ``run`` set up OpenTelemetry from the ``OTEL_*`` variables
+(``OTEL_TRACES_EXPORTER=console`` prints each execution's span).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from tangram_core.telemetry import TelemetryConfigError, TelemetryHandle
 from tangram_sandbox.languages import LANGUAGES
 
 __all__ = ["main"]
+
+
+class MissingExtraError(ImportError):
+    """A command needs an optional dependency that is not installed; the message says which
+    extra installs it."""
+
+
+def require_extra(modules: tuple[str, ...], extra: str, purpose: str) -> None:
+    """Import each of ``modules`` or raise :class:`MissingExtraError` naming the extra, before
+    anything starts (a pool, a socket)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise MissingExtraError(
+                f"{purpose} needs {module}, which is not installed ({exc}); "
+                f"install it with: pip install 'tangram-sandbox[{extra}]'"
+            ) from None
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``. argparse names the option in its error, so a
+    bad ``--workers`` is blamed on ``--workers``, not on a setting derived from it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _capabilities(args: argparse.Namespace) -> int:
@@ -28,6 +82,7 @@ def _capabilities(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
+    require_extra(("fastapi", "uvicorn"), "server", "tangram-sandbox serve")
     import uvicorn
 
     from tangram_core.http_guard import GuardConfig, TokenError, check_bind, load_token
@@ -35,7 +90,14 @@ def _serve(args: argparse.Namespace) -> int:
     from tangram_sandbox.models import Limits
     from tangram_sandbox.server import ApiLimits, build_app, parse_networks
 
-    max_workers = max(args.workers, args.max_workers or 0)
+    if args.max_workers is not None and args.max_workers < args.workers:
+        print(
+            f"tangram-sandbox serve: --max-workers ({args.max_workers}) must be >= --workers "
+            f"({args.workers}); raise --max-workers or lower --workers",
+            file=sys.stderr,
+        )
+        return 2
+    max_workers = args.max_workers if args.max_workers is not None else max(args.workers, 1)
     in_flight = args.max_in_flight or 4 * max_workers
     max_queue = args.max_queue if args.max_queue is not None else 4 * in_flight
     try:
@@ -69,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         kind = "token" if isinstance(exc, TokenError) else "configuration"
         print(f"tangram-sandbox serve: {kind} error: {exc}", file=sys.stderr)
         return 2
+    telemetry = _telemetry()
     log = logging.getLogger("tangram_sandbox")
     if token is None:
         log.warning(
@@ -96,7 +159,17 @@ def _serve(args: argparse.Namespace) -> int:
         # X-Forwarded-For header from a local process must not pick another address.
         proxy_headers=False,
     )
+    telemetry.shutdown()
     return 0
+
+
+def _telemetry() -> TelemetryHandle:
+    """OpenTelemetry from the ``OTEL_*`` variables (no-op when none is set); a bad value is a
+    :class:`TelemetryConfigError` naming the variable, which :func:`main` answers with exit
+    status 2."""
+    from tangram_core.telemetry import configure_telemetry
+
+    return configure_telemetry(service_name="tangram-sandbox")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -106,19 +179,27 @@ def _run(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     language = args.language or EXTENSIONS.get(path.suffix, "python")
+    try:
+        code = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"tangram-sandbox run: cannot read FILE {str(path)!r}: {reason}", file=sys.stderr)
+        return 2
+    telemetry = _telemetry()
 
     async def go() -> int:
         async with SandboxPool(min_workers=1, max_workers=1) as pool:
-            result = await pool.run(
-                code=path.read_text(), language=language, stdin=sys.stdin.read()
-            )
+            result = await pool.run(code=code, language=language, stdin=sys.stdin.read())
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
         summary = result.model_dump(exclude={"stdout", "stderr", "files"})
         print(json.dumps(summary, default=str), file=sys.stderr)
         return 0 if result.status is RunStatus.OK else 1
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    finally:
+        telemetry.shutdown()  # flushes the spans before the process exits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--host", default="127.0.0.1", help="bind address; beyond loopback needs a token"
     )
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=2, help="warm workers")
-    serve.add_argument("--max-workers", type=int, default=None)
+    serve.add_argument("--port", type=_at_least(0), default=8080)
+    serve.add_argument("--workers", type=_at_least(0), default=2, help="warm workers")
+    serve.add_argument(
+        "--max-workers", type=_at_least(1), default=None, help="default: --workers (at least 1)"
+    )
     serve.add_argument(
         "--token-file",
         default=None,
@@ -153,37 +236,45 @@ def main(argv: list[str] | None = None) -> int:
     limits = serve.add_argument_group(
         "limits (over a limit: 413, 422, 429 or 503; 504 on SandboxFusion's /run_code)"
     )
-    limits.add_argument("--max-body-bytes", type=int, default=8 << 20)
-    limits.add_argument("--max-code-chars", type=int, default=1 << 20)
-    limits.add_argument("--max-tests", type=int, default=1000, help="test cases per request")
+    limits.add_argument("--max-body-bytes", type=_at_least(1), default=8 << 20)
+    limits.add_argument("--max-code-chars", type=_at_least(1), default=1 << 20)
     limits.add_argument(
-        "--max-output-bytes", type=int, default=1 << 20, help="stdout/stderr kept per run"
+        "--max-tests", type=_at_least(1), default=1000, help="test cases per request"
     )
-    limits.add_argument("--max-wall-s", type=float, default=600, help="request limits clamp")
-    limits.add_argument("--max-memory-mb", type=int, default=8192, help="request limits clamp")
+    limits.add_argument(
+        "--max-output-bytes", type=_at_least(0), default=1 << 20, help="stdout/stderr kept per run"
+    )
+    limits.add_argument("--max-wall-s", type=_positive, default=600, help="request limits clamp")
+    limits.add_argument(
+        "--max-memory-mb", type=_at_least(1), default=8192, help="request limits clamp"
+    )
     limits.add_argument(
         "--max-in-flight",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="requests running at once (default: 4 x max workers); the rest queue",
     )
     limits.add_argument(
         "--max-queue",
-        type=int,
+        type=_at_least(0),
         default=None,
         help="requests waiting (default: 4 x max in flight); past it, 503 at once",
     )
-    limits.add_argument("--queue-timeout-s", type=float, default=10.0, help="then 503")
-    limits.add_argument("--client-concurrency", type=int, default=32, help="then 429")
-    limits.add_argument("--client-rate", type=float, default=200.0, help="requests/s; then 429")
-    limits.add_argument("--client-burst", type=int, default=400)
+    limits.add_argument("--queue-timeout-s", type=_positive, default=10.0, help="then 503")
+    limits.add_argument("--client-concurrency", type=_at_least(1), default=32, help="then 429")
+    limits.add_argument("--client-rate", type=_positive, default=200.0, help="requests/s; then 429")
+    limits.add_argument("--client-burst", type=_at_least(1), default=400)
     serve.set_defaults(func=_serve)
     run = sub.add_parser("run", help="run one file in a sandbox (stdin from ours)")
     run.add_argument("file")
     run.add_argument("--language", choices=LANGUAGES)
     run.set_defaults(func=_run)
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
+    args = parser.parse_args(argv)  # a bad argument: argparse names it and exits 2
+    try:
+        code: int = args.func(args)
+    except (MissingExtraError, TelemetryConfigError) as exc:
+        print(f"tangram-sandbox {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

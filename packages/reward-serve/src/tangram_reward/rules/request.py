@@ -6,9 +6,9 @@ and :func:`score_rules` is what every replica runs.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tangram_reward.rules.countdown_reward import countdown_score
 from tangram_reward.rules.format_reward import r1_format
@@ -59,3 +59,17 @@ def score_rules(req: RuleRequest) -> RuleScore:
             scores[rule] = language_consistency(req.response, req.language)
     weights = req.weights or {}
     return RuleScore(reward=sum(weights.get(r, 1.0) * v for r, v in scores.items()), scores=scores)
+
+
+def score_rule_request(request: dict[str, Any]) -> dict[str, Any]:
+    """:func:`score_rules` on a plain dict, for runners that call functions by import path
+    (tangram-core's process pool): validates it as a :class:`RuleRequest` (a bad one raises
+    ValueError naming the field) and returns the score as a dict, the shape the rule
+    deployment answers."""
+    try:
+        req = RuleRequest.model_validate(request)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"invalid rule request: {field or 'request'}: {err['msg']}") from None
+    return score_rules(req).model_dump()
