@@ -335,3 +335,23 @@ def test_a_dead_trainer_rank_is_named_and_the_run_resumes_on_one_rank(
     assert rows[-1]["trainer_ranks"] == 1
     assert (run / "checkpoint-000004" / "model.safetensors").is_file()
     assert _left_on(cluster) == {"actors": [], "placement_groups": []}
+
+
+def test_async_mode_runs_on_the_cluster_within_the_staleness_bound(
+    cluster: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    overrides = [o for o in _overrides(tiny_model_dir, None, run, 4) if "save_every" not in o]
+    async_mode = ["run.mode=async", "asynchronous.max_staleness=1", "run.save_every=0"]
+    proc = _start(cluster, [*overrides, *async_mode, *_cluster(1, 2)])
+    rc, _, err = _finish(proc)
+    assert rc == 0, err[-3000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert r["samples"] == 8, r
+        assert r["staleness_max"] <= 1, r  # the bound holds across both engines
+        assert r["engines_alive"] == 2, r
+    # both engines generated: groups were spread over them
+    assert {r["dispatch_balance"] for r in rows} != {None}
+    assert (run / "checkpoint-000004" / "model.safetensors").is_file()

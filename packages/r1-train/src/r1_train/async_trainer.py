@@ -35,8 +35,7 @@ from opentelemetry import trace
 
 from r1_train.agent_loop import Trajectory, rollout_group
 from r1_train.rewards import score_all
-from r1_train.rollout import VLLMEngine
-from r1_train.streaming import RolloutDropped, StreamingEngine
+from r1_train.streaming import RolloutDropped
 from tangram_core import semconv as sc
 
 if TYPE_CHECKING:
@@ -108,21 +107,12 @@ class AsyncRun:
 
     def __init__(self, trainer: Trainer, orch: Any) -> None:
         cfg = trainer.cfg
-        if not isinstance(trainer.engine, VLLMEngine):
-            raise TypeError(
-                "run.mode 'async' needs the in-process vLLM engine (rollout.engine 'vllm'), "
-                f"got {type(trainer.engine).__name__}"
-            )
         if orch is None:
             raise RuntimeError("rewards need the orchestrator; no reward is configured")
         self.trainer, self.orch, self.cfg = trainer, orch, cfg
         self.k = cfg.asynchronous.max_staleness
-        self.stream = StreamingEngine(
-            trainer.engine,
-            version=trainer.version,
-            on_update=cfg.asynchronous.on_update,
-            recompute_kv=cfg.asynchronous.recompute_kv,
-        )
+        # the in-process engine driven between decode steps, or the cluster's engines
+        self.stream = trainer.streaming_engine()
         self._ready: list[ReadyGroup] = []
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()

@@ -26,7 +26,7 @@ from typing import Any
 
 from r1_train import placement
 from r1_train.config import ModelConfig, TrainConfig
-from r1_train.engine_pool import EnginePool, EngineWorker
+from r1_train.engine_pool import EnginePool, EngineWorker, RemoteStream
 from r1_train.rank_group import RankGroup
 from r1_train.rollout import RolloutEngine
 from r1_train.trainer import Trainer
@@ -139,6 +139,15 @@ class ClusterTrainer(Trainer):
             ) from exc
         self._pool = EnginePool(workers, places, Path(model_cfg.path).name)
         return self._pool
+
+    def streaming_engine(self) -> RemoteStream:
+        """``run.mode async`` on the cluster: every engine streams, weights land in each between
+        two of its decode steps."""
+        assert self._pool is not None  # built in __init__
+        a = self.cfg.asynchronous
+        return RemoteStream(
+            self._pool, version=self.version, on_update=a.on_update, recompute_kv=a.recompute_kv
+        )
 
     def metrics_row(
         self,

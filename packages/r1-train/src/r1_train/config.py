@@ -344,11 +344,6 @@ class TrainConfig(_Strict):
                 "run.mode 'async' updates weights between decode steps of the in-process engine; "
                 "set rollout.engine to 'vllm'"
             )
-        if self.cluster is not None and self.run.mode == "async":
-            raise ValueError(
-                "run.mode 'async' does not run on a cluster yet (its engine takes weights between "
-                "decode steps in this process); drop cluster.* or set run.mode to 'sync'"
-            )
         if self.cluster is not None and self.rollout.engine != "vllm":
             raise ValueError(
                 "cluster.* starts its own vLLM engines as Ray actors; set rollout.engine to "

@@ -73,8 +73,127 @@ class EngineWorker:
             fingerprint = self.engine.sync_weights(state, version)
         return fingerprint, time.perf_counter() - t0, span
 
+    # ---- asynchronous mode: the engine generates while the trainer trains -----------------
+
+    def start_stream(self, version: int, on_update: str, recompute_kv: bool) -> None:
+        """Drive this engine as :class:`~r1_train.streaming.StreamingEngine` (run.mode async)."""
+        from r1_train.streaming import StreamingEngine
+
+        self.stream = StreamingEngine(
+            self.engine,
+            version=version,
+            on_update=on_update,  # type: ignore[arg-type]  # validated by AsyncConfig
+            recompute_kv=recompute_kv,
+        )
+
+    async def stream_generate(self, request: GenRequest, carrier: dict[str, str]) -> Generation:
+        with remote_span(SPAN_ENGINE_GENERATE, carrier, {ENGINE: self.index}):
+            return await self.stream.generate(request)
+
+    async def stream_update(
+        self, state: dict[str, Any], version: int, carrier: dict[str, str]
+    ) -> float:
+        """New weights between two decode steps (``state`` pulled from the object store)."""
+        with remote_span(SPAN_ENGINE_SYNC, carrier, {ENGINE: self.index}):
+            return await self.stream.update_weights(state, version)
+
+    def stream_stats(self) -> tuple[float, int]:
+        """Seconds the engine had work, and requests aborted by updates (on_update drop)."""
+        return self.stream.busy_s, self.stream.dropped
+
+    def stream_stop(self) -> None:
+        self.stream.stop()
+
     def close(self) -> None:
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            stream.stop()
         self.engine.close()
+
+
+class RemoteStream:
+    """The pool's engines as one streaming engine, for :class:`~r1_train.async_trainer.AsyncRun`.
+
+    Each engine runs its own :class:`~r1_train.streaming.StreamingEngine` in its actor; a
+    request goes to its group's engine (a new group to the engine with the fewest requests in
+    flight), and new weights go to every engine at once, each landing between two of its decode
+    steps. ``busy_s`` is the engines' mean busy time, so the run's idle fraction is the
+    engines' average. A dead engine fails the run (``RolloutsLost``): in this mode requests
+    are in flight across versions, and re-dispatching them would mix their policy versions.
+    """
+
+    def __init__(
+        self, pool: EnginePool, *, version: int, on_update: str, recompute_kv: bool
+    ) -> None:
+        import ray
+
+        self.pool, self.version, self.model_name = pool, version, pool.model_name
+        ray.get(
+            [
+                pool.workers[e].start_stream.remote(version, on_update, recompute_kv)
+                for e in pool.alive
+            ]
+        )
+        self._in_flight: Counter[int] = Counter()
+        self._sticky: dict[Any, int] = {}
+
+    def _engine_for(self, request: GenRequest) -> int:
+        key = request.group if request.group is not None else ("seed", request.seed)
+        engine = self._sticky.get(key)
+        if engine is None:
+            engine = min(self.pool.alive, key=lambda e: (self._in_flight[e], e))
+            self._sticky[key] = engine
+            self.pool.count_group(engine)
+        return engine
+
+    async def generate(self, request: GenRequest) -> Generation:
+        engine = self._engine_for(request)
+        self._in_flight[engine] += 1
+        try:
+            gen: Generation = await self.pool.workers[engine].stream_generate.remote(
+                request, current_carrier()
+            )
+            return gen
+        finally:
+            self._in_flight[engine] -= 1
+
+    async def update_weights(self, state: Any, version: int) -> float:
+        import asyncio
+
+        import ray
+
+        ref = state if isinstance(state, ray.ObjectRef) else ray.put(state)
+        carrier = current_carrier()
+        calls = [
+            self.pool.workers[e].stream_update.remote(ref, version, carrier)
+            for e in self.pool.alive
+        ]
+        prints = await asyncio.gather(*calls)
+        if len({round(p, 6) for p in prints}) > 1:
+            raise RuntimeError(f"the engines disagree on the weights they loaded: {prints}")
+        self.version = version
+        self._sticky.clear()  # groups launched from now on may go anywhere
+        return float(prints[0])
+
+    def _stats(self) -> list[tuple[float, int]]:
+        import ray
+
+        return list(ray.get([self.pool.workers[e].stream_stats.remote() for e in self.pool.alive]))
+
+    @property
+    def busy_s(self) -> float:
+        stats = self._stats()
+        return sum(b for b, _ in stats) / len(stats) if stats else 0.0
+
+    @property
+    def dropped(self) -> int:
+        return sum(d for _, d in self._stats())
+
+    def stop(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):  # an engine already gone has nothing to stop
+            ray.get([self.pool.workers[e].stream_stop.remote() for e in self.pool.alive])
 
 
 class EnginePool:
@@ -178,6 +297,10 @@ class EnginePool:
         if len({round(p, 6) for p in prints.values()}) > 1:
             raise RuntimeError(f"the engines disagree on the weights they loaded: {prints}")
         return next(iter(prints.values()))
+
+    def count_group(self, engine: int) -> None:
+        """A group placed on ``engine`` by another dispatcher (the asynchronous stream)."""
+        self._step_groups[engine] += 1
 
     def take_stats(self) -> dict[str, Any]:
         """The step's dispatch and failover figures for the metrics row; resets the counters

@@ -235,6 +235,23 @@ class Trainer:
             dtype="bfloat16" if self.policy.dtype == torch.bfloat16 else "float32",
         )
 
+    def streaming_engine(self) -> Any:
+        """The engine of ``run.mode async``: the in-process vLLM engine, driven so that new
+        weights land between two decode steps (:class:`~r1_train.streaming.StreamingEngine`)."""
+        from r1_train.streaming import StreamingEngine
+
+        if not isinstance(self.engine, VLLMEngine):
+            raise TypeError(
+                "run.mode 'async' needs the in-process vLLM engine (rollout.engine 'vllm'), "
+                f"got {type(self.engine).__name__}"
+            )
+        return StreamingEngine(
+            self.engine,
+            version=self.version,
+            on_update=self.cfg.asynchronous.on_update,
+            recompute_kv=self.cfg.asynchronous.recompute_kv,
+        )
+
     def prompt_text(self, task: Task) -> str:
         text = render_prompt(task, self.cfg.task.template, self.cfg.agent, self.tokenizer)
         return text + self.cfg.agent.prefill
