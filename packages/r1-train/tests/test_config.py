@@ -28,7 +28,7 @@ def test_yaml_then_overrides(tmp_path: Path, model_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["grpo.betta=0.1"], "grpo.betta: Extra inputs are not permitted"),
+        (["grpo.betta=0.1"], "grpo.betta: unknown field; did you mean grpo.beta?"),
         (["grpo.epsilon_low=1.5"], "grpo.epsilon_low: Input should be less than 1"),
         (["rollout.group_size=1"], "rollout.group_size (1) must be >= 2 with grpo.scale 'group'"),
         (["rollout.max_new_tokens=600"], "max_new_tokens (600) must be < max_total_tokens (512)"),
@@ -117,3 +117,52 @@ def test_cluster_fields_are_validated(model_dir: Path) -> None:
         load_config(None, [*base, "cluster.trainer.strategy=SCATTER"])
     with pytest.raises(ConfigError, match=r"cluster.\* starts its own vLLM engines"):
         load_config(None, [*base, "cluster={}", "rollout.engine=openai", "rollout.server_url=x"])
+
+
+@pytest.mark.parametrize(
+    ("typed", "answer"),
+    [
+        ("num_generations=8", "num_generations: unknown field; did you mean rollout.group_size? "
+         "(TRL's num_generations)"),
+        ("max_completion_length=64", "did you mean rollout.max_new_tokens? (TRL's "
+         "max_completion_length; per turn"),
+        ("epsilon=0.2", "did you mean grpo.epsilon_low? (TRL's epsilon)"),
+        ("num_iterations=2", "did you mean grpo.updates_per_batch? (TRL's num_iterations)"),
+        ("grpo.kl_loss_coef=0.001", "grpo.kl_loss_coef: unknown field; did you mean grpo.beta? "
+         "(verl's kl_loss_coef)"),
+        ("actor_rollout_ref.rollout.n=8", "actor_rollout_ref.rollout.n: unknown field; did you "
+         "mean rollout.group_size? (verl's actor_rollout_ref.rollout.n)"),
+        ("grpo.betaa=0.1", "grpo.betaa: unknown field; did you mean grpo.beta?"),
+        ("optim.micro_batch=2", "did you mean optim.micro_batch_size?"),
+        ("grpo.zzz=1", "grpo.zzz: unknown field\n"),
+    ],
+)  # fmt: skip
+def test_unknown_fields_answer_trl_and_verl_names(model_dir: Path, typed: str, answer: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"model.path={model_dir}", typed])
+    assert answer in str(info.value) + "\n"
+
+
+def test_every_foreign_name_points_at_a_field_that_exists() -> None:
+    from r1_train.config import field_names
+    from r1_train.names import FOREIGN_NAMES
+
+    ours = set(field_names())
+    assert {"grpo.beta", "cluster.trainer.ranks", "optim.adam_epsilon"} <= ours
+    assert {target for target, _, _ in FOREIGN_NAMES.values()} <= ours
+
+
+def test_print_config_shows_the_resolved_config(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    assert main(["run", f"model.path={model_dir}", "grpo.beta=0.01", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["grpo"]["beta"] == 0.01
+    assert printed["rollout"]["group_size"] == 4  # a default, resolved
+    assert printed["model"]["path"] == str(model_dir)
+    assert (
+        load_config(None, [f"model.path={model_dir}", "grpo.beta=0.01"]).model_dump(mode="json")
+        == printed
+    )  # what it prints is what a run would use

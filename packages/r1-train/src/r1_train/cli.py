@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train with GRPO")
     run.add_argument("--config", type=Path, help="YAML config (see packages/r1-train/configs/)")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file, overrides, defaults) as YAML and exit",
+    )
     run.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
     plot = sub.add_parser("plot", help="draw a run's curves as PNG")
     plot.add_argument("run_dir", type=Path)
@@ -110,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"r1-train: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tangram_core.telemetry import configure_telemetry
 

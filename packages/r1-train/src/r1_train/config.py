@@ -396,8 +396,42 @@ def load_config(
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
-        ]
+        lines = []
+        for e in exc.errors():
+            at = ".".join(str(p) for p in e["loc"]) or "(top)"
+            if e["type"] == "extra_forbidden":
+                lines += [f"  {leaf}: {_unknown(leaf)}" for leaf in _leaves(at, e["input"])]
+            else:
+                lines.append(f"  {at}: {e['msg']}")
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n" + "\n".join(lines)) from None
+
+
+def field_names(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """Every leaf field of the config tree, dotted (``grpo.beta``, ``cluster.trainer.ranks``)."""
+    import typing
+
+    out = []
+    for name, info in model.model_fields.items():
+        args = typing.get_args(info.annotation) or (info.annotation,)
+        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            out += field_names(nested[0], f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _leaves(dotted: str, value: Any) -> list[str]:
+    """The dotted leaves under an unknown key (a whole unknown section, such as verl's
+    ``actor_rollout_ref: {...}``, names each field in it)."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{dotted}.{k}", v)]
+    return [dotted]
+
+
+def _unknown(dotted: str) -> str:
+    from r1_train.names import suggest
+
+    hint = suggest(dotted, field_names())
+    return "unknown field" + (f"; {hint}" if hint else "")
