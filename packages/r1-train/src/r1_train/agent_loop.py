@@ -35,6 +35,17 @@ class Submitter(Protocol):
     async def submit(self, action: Action) -> ActionResult: ...
 
 
+class NoServices:
+    """The submitter of a run that started no service (no tool calls, no sandbox or Ray
+    reward): it refuses every action, naming it, instead of the loop checking for None."""
+
+    async def submit(self, action: Action) -> ActionResult:
+        raise RuntimeError(
+            f"action {action.kind!r} was submitted, but this run started no service for it: "
+            "tool calls need agent.max_turns > 1, rewards need rewards.weights"
+        )
+
+
 @dataclass
 class ToolCall:
     code: str
@@ -316,7 +327,7 @@ async def _independent(
     i: int,
     t: Trajectory,
     source: TokenSource,
-    orch: Submitter | None,
+    orch: Submitter,
     tokenizer: Any,
     cfg: RolloutConfig,
     agent: AgentConfig,
@@ -325,10 +336,9 @@ async def _independent(
     stop: tuple[str, ...],
     clock: dict[str, float],
 ) -> None:
-    tools = orch is not None and agent.max_turns > 1
+    tools = agent.max_turns > 1
     try:
         if tools and find_tool_call(agent.prefill, agent):
-            assert orch is not None
             code = find_tool_call(agent.prefill, agent) or ""
             if not _apply_tool_result(
                 t, code, await _run_tool(orch, t, code, agent, step), agent, tokenizer
@@ -358,7 +368,6 @@ async def _independent(
             text = _take_turn(t, gen, turn, agent, tools)
             if text is None:
                 return
-            assert orch is not None  # _take_turn finds calls only when tools are on
             code = find_tool_call(text, agent) or ""
             t0 = time.perf_counter()
             result = await _run_tool(orch, t, code, agent, step)
@@ -373,7 +382,7 @@ async def _independent(
 
 async def rollout(
     engine: RolloutEngine,
-    orch: Submitter | None,
+    orch: Submitter,
     tokenizer: Any,
     prompts: list[tuple[Task, str]],
     *,
@@ -403,11 +412,10 @@ async def rollout(
             )
         )
         return trajs
-    tools = orch is not None and agent.max_turns > 1
+    tools = agent.max_turns > 1
     live = list(range(len(trajs)))
     if tools and find_tool_call(agent.prefill, agent):
         # The prefill itself ends in a tool call: run it before the model writes anything.
-        assert orch is not None
         prefilled = [(i, agent.prefill) for i in live]
         live = await _tool_round(orch, trajs, prefilled, agent, step, clock, tokenizer)
     for turn in range(agent.max_turns):
@@ -445,14 +453,13 @@ async def rollout(
         ]
         if not calls:
             break
-        assert orch is not None  # _take_turn finds calls only when tools are on
         live = await _tool_round(orch, trajs, calls, agent, step, clock, tokenizer)
     return trajs
 
 
 async def rollout_group(
     source: TokenSource,
-    orch: Submitter | None,
+    orch: Submitter,
     tokenizer: Any,
     task: Task,
     prompt: str,

@@ -107,8 +107,6 @@ class AsyncRun:
 
     def __init__(self, trainer: Trainer, orch: Any) -> None:
         cfg = trainer.cfg
-        if orch is None:
-            raise RuntimeError("rewards need the orchestrator; no reward is configured")
         self.trainer, self.orch, self.cfg = trainer, orch, cfg
         self.k = cfg.asynchronous.max_staleness
         # the in-process engine driven between decode steps, or the cluster's engines

@@ -13,7 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from r1_train.grpo import AdvantageScale, ImportanceSamplingLevel, ISCorrection, LossType
+from r1_train.grpo_options import (
+    AdvantageScale,
+    ImportanceSamplingLevel,
+    ISCorrection,
+    LossType,
+)
 
 
 class _Strict(BaseModel):

@@ -37,16 +37,10 @@ non-finite sampler log-prob gets no correction (weight 1, TRL's rule for a missi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
-ISCorrection = Literal[
-    "none", "tis", "mis", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
-]
-ImportanceSamplingLevel = Literal["token", "sequence"]
-AdvantageScale = Literal["group", "batch", "none"]
+from r1_train.grpo_options import AdvantageScale, ImportanceSamplingLevel, ISCorrection, LossType
 
 _TRUNCATE = ("tis", "token_truncate", "sequence_truncate")
 _SEQUENCE = ("sequence_truncate", "sequence_mask")

@@ -138,7 +138,9 @@ async def services(cfg: TrainConfig) -> AsyncIterator[Any]:
             started_ray = _start_ray()
             managers += _deploy(cfg)
         if not managers:
-            yield None
+            from r1_train.agent_loop import NoServices
+
+            yield NoServices()
             return
         if cfg.sandbox.provisioning == "static":
             for m in managers:  # a static partition is sized from the pools as they will run
