@@ -12,8 +12,8 @@ import pytest
 
 from r1_train.agent_loop import Trajectory, find_tool_call, observation, rollout
 from r1_train.config import AgentConfig, RolloutConfig, TrainConfig
+from r1_train.step import select_for_training
 from r1_train.tasks import Task
-from r1_train.trainer import select_for_training
 from tangram_core.actions import ActionResult, ActionStatus
 
 AGENT = AgentConfig(max_turns=3)

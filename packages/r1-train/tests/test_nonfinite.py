@@ -19,8 +19,9 @@ from r1_train.agent_loop import Trajectory
 from r1_train.config import TrainConfig
 from r1_train.nonfinite import NonFiniteError
 from r1_train.policy import Policy, make_batch
+from r1_train.step import select_for_training
 from r1_train.tasks import Task
-from r1_train.trainer import Trainer, select_for_training
+from r1_train.trainer import Trainer
 
 G = 4
 

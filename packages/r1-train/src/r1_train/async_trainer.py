@@ -35,11 +35,12 @@ from opentelemetry import trace
 
 from r1_train.agent_loop import Trajectory, rollout_group
 from r1_train.rewards import score_all
+from r1_train.step import StepResult, select_for_training, tasks_for_step
 from r1_train.streaming import RolloutDropped
 from tangram_core import semconv as sc
 
 if TYPE_CHECKING:
-    from r1_train.trainer import StepResult, Trainer
+    from r1_train.trainer import Trainer
 
 _tracer = trace.get_tracer("r1_train")
 
@@ -159,8 +160,6 @@ class AsyncRun:
     # ---- producing groups -----------------------------------------------------------------
 
     async def _launch_all(self) -> None:
-        from r1_train.trainer import tasks_for_step
-
         tr = self.trainer
         for step in range(tr.start_step, self.cfg.run.steps):
             floor = step - self.k  # the engine may run at most k steps ahead
@@ -242,8 +241,6 @@ class AsyncRun:
         return RolloutsLost(cause, self._ready, len(self._tasks), list(self._failures))
 
     async def _train_step(self, step: int) -> StepResult:
-        from r1_train.trainer import StepResult, select_for_training
-
         tr, stream = self.trainer, self.stream
         t_step = time.perf_counter()
         busy0 = stream.busy_s

@@ -21,11 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,83 +33,18 @@ from opentelemetry import trace
 from r1_train.agent_loop import Trajectory, rollout
 from r1_train.checkpoint import latest_checkpoint, next_step, restore_trainer_state, save_checkpoint
 from r1_train.config import ModelConfig, TrainConfig
-from r1_train.grpo import group_advantages, informative_groups, overlong_penalty
 from r1_train.metrics import SAMPLES_FILE, MetricsWriter, trim_step_logs
-from r1_train.nonfinite import check_rewards
 from r1_train.policy import Policy, make_batch
 from r1_train.prompts import render_prompt
 from r1_train.rewards import score_all
 from r1_train.rollout import OpenAIServerEngine, RolloutEngine, VLLMEngine
 from r1_train.services import services
-from r1_train.tasks import (
-    CODE_PROBLEMS,
-    Task,
-    arithmetic,
-    check_prompt_lengths,
-    countdown,
-    load_tasks,
-)
+from r1_train.step import StepResult, build_tasks, select_for_training, tasks_for_step
+from r1_train.tasks import Task, check_prompt_lengths
 from tangram_core import semconv as sc
 
 _tracer = trace.get_tracer("r1_train")
 PRIMARY = ("math", "countdown", "code")
-
-
-def build_tasks(cfg: TrainConfig) -> list[Task]:
-    t = cfg.task
-    if t.kind == "arithmetic":
-        return arithmetic(t.size, seed=t.seed, max_operand=t.max_operand)
-    if t.kind == "countdown":
-        return countdown(t.size, seed=t.seed, max_operand=t.max_operand)
-    if t.kind == "code":
-        return list(CODE_PROBLEMS)
-    assert t.path is not None  # the config validator guarantees it
-    return load_tasks(t.path)
-
-
-def tasks_for_step(tasks: list[Task], cfg: TrainConfig, step: int) -> list[Task]:
-    """The step's prompts: a function of (seed, step) only, so a resumed run sees the same."""
-    rng = random.Random(cfg.run.seed * 1_000_003 + step)
-    k = cfg.run.prompts_per_step
-    return rng.sample(tasks, k) if k <= len(tasks) else [rng.choice(tasks) for _ in range(k)]
-
-
-def select_for_training(
-    trajs: list[Trajectory], cfg: TrainConfig
-) -> tuple[list[tuple[Trajectory, float]], dict[str, int]]:
-    """Trajectories to train on, with advantages; drops failed and (optionally) flat groups."""
-    g = cfg.rollout.group_size
-    groups = [trajs[i : i + g] for i in range(0, len(trajs), g)]
-    ok = [grp for grp in groups if all(t.reward is not None and not t.infra_error for t in grp)]
-    info = {"infra_dropped": len(groups) - len(ok), "flat_dropped": 0, "nonfinite_rewards": 0}
-    if not ok:
-        return [], info
-    # NaN/inf rewards: counted and named here (or the run stops), advantage 0 in group_advantages
-    info["nonfinite_rewards"] = check_rewards(
-        [t for grp in ok for t in grp], cfg.grpo.max_nonfinite_fraction
-    )
-    rewards = torch.tensor([t.reward for grp in ok for t in grp], dtype=torch.float64)
-    if cfg.grpo.overlong_buffer:
-        lengths = torch.tensor([sum(t.mask) for grp in ok for t in grp])
-        rewards = (
-            rewards
-            + overlong_penalty(
-                lengths,
-                max_length=cfg.rollout.max_new_tokens * cfg.agent.max_turns,
-                buffer=cfg.grpo.overlong_buffer,
-                penalty=cfg.grpo.overlong_penalty,
-            ).double()
-        )
-    if cfg.grpo.dynamic_sampling:
-        keep = informative_groups(rewards, g).tolist()
-        info["flat_dropped"] = keep.count(False)
-        ok = [grp for grp, k in zip(ok, keep, strict=True) if k]
-        rewards = rewards.view(-1, g)[torch.tensor(keep, dtype=torch.bool)].reshape(-1)
-        if not ok:
-            return [], info
-    adv = group_advantages(rewards, g, scale=cfg.grpo.scale).tolist()
-    flat = [t for grp in ok for t in grp]
-    return list(zip(flat, adv, strict=True)), info
 
 
 class StepLost(RuntimeError):
@@ -156,13 +89,6 @@ class StepLost(RuntimeError):
 
 class NothingTrained(RuntimeError):
     """A run whose steps all ended without an update: it must fail, not finish with exit 0."""
-
-
-@dataclass
-class StepResult:
-    step: int
-    metrics: dict[str, Any]
-    trajectories: list[Trajectory]
 
 
 class Trainer:
