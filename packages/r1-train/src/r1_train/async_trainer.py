@@ -124,6 +124,8 @@ class AsyncRun:
     async def run(self) -> list[StepResult]:
         from tqdm import tqdm
 
+        from r1_train.console import progress_stream
+
         tr = self.trainer
         results: list[StepResult] = []
         bar = tqdm(
@@ -132,6 +134,7 @@ class AsyncRun:
             desc="GRPO async",
             unit="step",
             disable=not self.cfg.run.progress,
+            file=progress_stream(),
         )
         with _tracer.start_as_current_span(
             sc.SPAN_TRAIN_RUN, attributes={"tangram.train.mode": "async"}

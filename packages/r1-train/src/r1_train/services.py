@@ -44,6 +44,10 @@ def _start_ray() -> bool:
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if not os.environ.get("RAY_ADDRESS"):
+        # "local": a Ray of this run's own. A plain ray.init() would join whatever cluster a
+        # `ray start` (anyone's, on a shared machine) last recorded in /tmp/ray, and then
+        # refuse num_cpus; joining a cluster is asked for with RAY_ADDRESS or cluster.address.
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = max(2, os.cpu_count() or 2)
     ray.init(**kwargs)
     return True

@@ -347,6 +347,8 @@ class Trainer:
     async def train(self) -> list[StepResult]:
         from tqdm import tqdm
 
+        from r1_train.console import progress_stream
+
         results = []
         async with services(self.cfg) as orch:
             if self.cfg.run.mode == "async":
@@ -360,6 +362,7 @@ class Trainer:
                 desc="GRPO",
                 unit="step",
                 disable=not self.cfg.run.progress,
+                file=progress_stream(),
                 initial=self.start_step,
                 total=self.cfg.run.steps,
             )
