@@ -43,8 +43,8 @@ def cluster() -> Iterator[Any]:
 
     marker = Path("/tmp/ray/ray_current_cluster")
     before = marker.read_text() if marker.is_file() else None
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"node_a": 8}})
-    c.add_node(num_cpus=3, resources={"node_b": 8})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"node_a": 8}})
+    c.add_node(num_cpus=4, resources={"node_b": 8})
     c.wait_for_nodes()
     try:
         yield c
@@ -181,12 +181,15 @@ def _worker_spans(cluster: Any) -> list[dict[str, Any]]:
 def test_cluster_step_equals_the_one_process_step_and_traces_every_node(
     cluster: Any, tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
 ) -> None:
-    one = _start(cluster, _overrides(tiny_model_dir, tiny_rm_dir, tmp_path / "one", 2))
+    # every trajectory calls the tool once: the sandbox pool runs on the cluster in the second run
+    tools = ["agent.max_turns=2", "agent.prefill='<code>print(6 * 7)</code>'"]
+    tools.append("rollout.max_total_tokens=256")  # the tool instructions lengthen the prompt
+    one = _start(cluster, [*_overrides(tiny_model_dir, tiny_rm_dir, tmp_path / "one", 2), *tools])
     rc, _, err = _finish(one)
     assert rc == 0, err[-3000:]
     two = _start(
         cluster,
-        _overrides(tiny_model_dir, tiny_rm_dir, tmp_path / "two", 2) + _cluster(2, 2),
+        [*_overrides(tiny_model_dir, tiny_rm_dir, tmp_path / "two", 2), *tools, *_cluster(2, 2)],
         OTEL_TRACES_EXPORTER="console",
         OTEL_METRICS_EXPORTER="none",
     )
@@ -203,12 +206,15 @@ def test_cluster_step_equals_the_one_process_step_and_traces_every_node(
     assert len(trainer_nodes) == 1
     assert len(engine_nodes) == 1
     assert trainer_nodes.isdisjoint(engine_nodes)
+    # the sandbox pool ran in a Ray actor on one of the cluster's nodes
+    assert layout["services"]["sandbox"] in trainer_nodes | engine_nodes
 
     # same samples, same loss, same weights: the data-parallel step is the one-process step
     rows_one, rows_two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert [r["step"] for r in rows_two] == [0, 1]
     for a, b in zip(rows_one, rows_two, strict=True):
         assert b["samples"] == a["samples"] == 8
+        assert b["tool_calls"] == a["tool_calls"] >= 8
         assert b["response_tokens_mean"] == a["response_tokens_mean"]
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-5)
         assert a["loss"] != 0.0

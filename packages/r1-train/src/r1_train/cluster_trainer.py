@@ -163,11 +163,24 @@ class ClusterTrainer(Trainer):
         row["trainer_ranks"] = len(self._ranks.ranks) if self._ranks else 0
         return row
 
+    def _services(self) -> Any:
+        from r1_train.services import services
+
+        return services(self.cfg, on_open=self._services_opened)
+
+    def _services_opened(self, managers: list[Any]) -> None:
+        """Record where the services landed (the sandbox pool's node) in cluster.json."""
+        self.service_nodes = {
+            m.name: m.node_id for m in managers if getattr(m, "node_id", None) is not None
+        }
+        self.write_layout()
+
     def layout(self) -> dict[str, Any]:
         return {
             "split": self.split,
             "trainer": self._ranks.describe() if self._ranks else [],
             "rollout": [dict(p) for p in self._pool.places] if self._pool else [],
+            "services": dict(getattr(self, "service_nodes", {})),
         }
 
     def write_layout(self) -> None:

@@ -262,6 +262,17 @@ class RolloutRoleConfig(_RoleConfig):
     engines: int = Field(1, ge=1, description="vLLM engines, each a Ray actor.")
 
 
+class SandboxPlacementConfig(_Strict):
+    """Where a cluster run's sandbox pool runs: a Ray actor, placed by Ray."""
+
+    num_cpus: float | None = Field(
+        None, ge=0, description="CPUs reserved for the pool; None: one per sandbox.workers."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, to pin the pool to nodes."
+    )
+
+
 class ClusterConfig(_Strict):
     """``cluster.*``: run the trainer ranks and rollout engines as Ray actors on a cluster.
 
@@ -279,6 +290,7 @@ class ClusterConfig(_Strict):
     )
     trainer: TrainerRoleConfig = Field(default_factory=TrainerRoleConfig)
     rollout: RolloutRoleConfig = Field(default_factory=RolloutRoleConfig)
+    sandbox: SandboxPlacementConfig = Field(default_factory=SandboxPlacementConfig)
     weight_sync: Literal["object_store"] = Field(
         "object_store",
         description="How new weights reach the engines: object_store (rank 0 puts the whole "

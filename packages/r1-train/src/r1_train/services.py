@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from r1_train.config import TrainConfig
@@ -109,6 +109,23 @@ def _deploy(cfg: TrainConfig) -> list[Any]:
     return managers
 
 
+def _cluster_sandbox(cfg: TrainConfig, pool: Any) -> Any:
+    """The sandbox pool in a Ray actor: one CPU per worker reserved (``cluster.sandbox``
+    may say otherwise), placed by Ray where the CPUs are free, or where ``resources`` are."""
+    from tangram_sandbox.ray_manager import RaySandboxManager
+
+    assert cfg.cluster is not None
+    where = cfg.cluster.sandbox
+    options: dict[str, Any] = {
+        "num_cpus": where.num_cpus if where.num_cpus is not None else float(cfg.sandbox.workers)
+    }
+    if where.resources:
+        options["resources"] = dict(where.resources)
+    return RaySandboxManager(
+        pool, actor_options=options, open_timeout_s=cfg.cluster.placement_timeout_s
+    )
+
+
 def _scheduler(cfg: TrainConfig, managers: list[Any]) -> Any:
     """None (tangram's elastic scheduler), or the static per-trajectory lease baseline."""
     if cfg.sandbox.provisioning == "tangram":
@@ -122,8 +139,14 @@ def _scheduler(cfg: TrainConfig, managers: list[Any]) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def services(cfg: TrainConfig) -> AsyncIterator[Any]:
-    """An open orchestrator over the run's pools; everything is torn down on exit."""
+async def services(
+    cfg: TrainConfig, *, on_open: Callable[[list[Any]], None] | None = None
+) -> AsyncIterator[Any]:
+    """An open orchestrator over the run's pools; everything is torn down on exit.
+
+    On a cluster (``cfg.cluster``) the sandbox pool runs in a Ray actor the cluster places
+    (``cluster.sandbox``), not on the driver's node. ``on_open`` is called with the opened
+    managers (the cluster run records where they landed)."""
     from tangram_core.orchestrator import Orchestrator
 
     need_sandbox, need_ray = _needs(cfg)
@@ -136,7 +159,11 @@ async def services(cfg: TrainConfig) -> AsyncIterator[Any]:
             from tangram_sandbox.manager import SandboxManager
 
             workers = cfg.sandbox.workers
-            managers.append(SandboxManager(PoolConfig(min_workers=workers, max_workers=workers)))
+            pool = PoolConfig(min_workers=workers, max_workers=workers)
+            if cfg.cluster is not None:
+                managers.append(_cluster_sandbox(cfg, pool))
+            else:
+                managers.append(SandboxManager(pool))
         if need_ray:
             _require("tangram_reward", "rewards", "rule and model rewards")
             started_ray = _start_ray()
@@ -150,6 +177,8 @@ async def services(cfg: TrainConfig) -> AsyncIterator[Any]:
             for m in managers:  # a static partition is sized from the pools as they will run
                 await m.open()
         async with Orchestrator(managers, scheduler=_scheduler(cfg, managers)) as orch:
+            if on_open is not None:
+                on_open(managers)
             yield orch
     finally:
         if need_ray:

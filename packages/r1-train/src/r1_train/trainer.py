@@ -350,7 +350,7 @@ class Trainer:
         from r1_train.console import progress_stream
 
         results = []
-        async with services(self.cfg) as orch:
+        async with self._services() as orch:
             if self.cfg.run.mode == "async":
                 from r1_train.async_trainer import AsyncRun
 
@@ -377,6 +377,10 @@ class Trainer:
                 self.save_if_due(step)
         self._check_trained(results)
         return results
+
+    def _services(self) -> Any:
+        """The run's services (see :func:`~r1_train.services.services`)."""
+        return services(self.cfg)
 
     def _check_trained(self, results: list[StepResult]) -> None:
         """A run that stepped but trained on no group has failed, whatever dropped the groups:

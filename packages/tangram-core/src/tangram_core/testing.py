@@ -63,6 +63,9 @@ def ray_session() -> Iterator[Any]:
         yield ray
         return
     ray.init(
+        # a Ray of the session's own: a plain ray.init() would join a cluster that another
+        # process started with `ray start` (or a ray.cluster_utils.Cluster), and refuse num_cpus
+        address="local",
         num_cpus=_RAY_NUM_CPUS,
         include_dashboard=False,
         log_to_driver=False,
