@@ -159,7 +159,7 @@ class Setup:
             "sandbox": "[server]",
             "reward-serve": "[serve,models]",
             "hysparse-vllm": "",
-            "r1-train": "[sandbox,rewards,tensorboard]",
+            "r1-train": "[sandbox,rewards,tensorboard,eval]",
         }
         args: list[str] = []
         for pkg in PACKAGES:

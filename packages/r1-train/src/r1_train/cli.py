@@ -1,10 +1,13 @@
-"""``r1-train``: run GRPO from a YAML config, and draw a run's curves.
+"""``r1-train``: GRPO or SFT from a YAML config, pass@k evaluation, and a run's curves.
 
     r1-train run --config configs/arithmetic_tool.yaml run.steps=20 grpo.beta=0.001
     r1-train run --config FILE.yaml --resume
     r1-train run --config FILE.yaml cluster.address=auto cluster.trainer.ranks=2 \
         cluster.rollout.engines=2          # trainer ranks and vLLM engines on a Ray cluster
     r1-train plot runs/r1
+    r1-train eval --config FILE.yaml model.path=runs/r1/checkpoint-000020 eval.samples=10 \
+        eval.k=[1,10]                      # pass@k on HumanEval, programs run in the sandbox
+    r1-train sft --config FILE.yaml sft.path=chats.jsonl   # supervised fine-tuning
 
 A bad config prints every bad field with its rule and exits with status 2, before anything
 starts. Telemetry follows the standard ``OTEL_*`` variables (e.g.
@@ -19,6 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,11 +32,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="YAML config (see packages/r1-train/configs/)")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show vLLM's, Ray's and the other libraries' output here, not only in the log file",
+    )
+    run.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved config (file, overrides, defaults) as YAML and exit",
     )
     run.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
+    ev = sub.add_parser("eval", help="pass@k and accuracy on HumanEval or the task.* tasks")
+    ev.add_argument("--config", type=Path, help="YAML: model, rollout, task and eval sections")
+    ev.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
+    sft = sub.add_parser("sft", help="supervised fine-tuning on JSONL chat data")
+    sft.add_argument("--config", type=Path, help="YAML: model, optim, run and sft sections")
+    sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    sft.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
     plot = sub.add_parser("plot", help="draw a run's curves as PNG")
     plot.add_argument("run_dir", type=Path)
     plot.add_argument("--out", type=Path, default=None, help="folder (default RUN_DIR/plots)")
@@ -81,8 +97,138 @@ def _run_failures() -> tuple[type[BaseException], ...]:
     return (RolloutsLost, *failures, *cluster)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """``r1-train eval``: bad config or data exits 2 (file and row named), a sandbox that
+    could not judge a sample exits 1; the summary is printed and written to eval.out_dir."""
+    from r1_train.config import ConfigError
+    from r1_train.evaluate import load_eval_config, run_eval
+
+    try:
+        cfg = load_eval_config(args.config, list(args.overrides))
+    except ConfigError as exc:
+        print(f"r1-train eval: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from r1_train.humaneval import CompletionsError, SandboxUnavailable
+    from r1_train.tasks import TaskDataError
+
+    try:
+        report = asyncio.run(run_eval(cfg))
+    except (ConfigError, CompletionsError, TaskDataError, ImportError) as exc:
+        print(f"r1-train eval: {exc}", file=sys.stderr)
+        return 2
+    except SandboxUnavailable as exc:
+        print(f"r1-train eval: the sandbox could not judge a sample: {exc}", file=sys.stderr)
+        return 1
+    scores = "  ".join(f"{k} {v:.4f}" for k, v in report.scores.items())
+    print(
+        f"{report.benchmark}: {report.problems} problems x {report.samples_per_problem} "
+        f"samples: {scores} ({report.seconds:.1f} s)"
+    )
+    print(f"written: {cfg.eval.out_dir}")
+    return 0
+
+
+def _run(cfg: Any, *, verbose: bool) -> int:
+    """Train; third-party output goes to RUN_DIR/logs/r1-train.log unless ``verbose``, so the
+    terminal shows the progress, the table, the plots and, on failure, the one-line cause."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from r1_train.console import LOG_FILE, QuietRun
+    from r1_train.reaper import start_reaper
+    from tangram_core.telemetry import configure_telemetry
+
+    # stops the engine, Ray and the sandboxes if this process dies without closing them; started
+    # before the output is captured, so that its report reaches the terminal
+    start_reaper()
+    log = Path(cfg.run.out_dir) / LOG_FILE
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "") + os.environ.get(
+        "OTEL_METRICS_EXPORTER", ""
+    )
+    verbose = verbose or "console" in exporters  # spans asked for on the console stay there
+    with QuietRun(log, verbose=verbose) as term:
+        if not verbose:
+            print(f"r1-train: logs in {log} (--verbose shows them here)", file=term.err)
+        telemetry = configure_telemetry(service_name="r1-train")
+        run_failures = _run_failures()  # imported here: they pull in torch
+        from r1_train.tasks import TaskDataError
+        from r1_train.trainer import Trainer
+
+        trainer: Trainer
+        try:
+            if cfg.cluster is not None:
+                from r1_train.cluster_trainer import ClusterTrainer
+
+                trainer = ClusterTrainer(cfg)
+            else:
+                trainer = Trainer(cfg)
+        except TaskDataError as exc:  # bad data (file and row), found before anything starts
+            print(f"r1-train: {exc}", file=term.err)
+            telemetry.shutdown()
+            return 2
+        except run_failures as exc:  # a cluster that cannot hold the run, a rank that died
+            print(f"r1-train: the run failed to start: {type(exc).__name__}: {exc}", file=term.err)
+            telemetry.shutdown()
+            return 1
+        try:
+            results = asyncio.run(trainer.train())
+        except run_failures as exc:
+            # the messages name the step, the task or the path, and what to do; no traceback
+            print(f"r1-train: the run failed: {type(exc).__name__}: {exc}", file=term.err)
+            return 1
+        finally:
+            trainer.close()
+            telemetry.shutdown()
+    print_table([{"step": r.step, **r.metrics} for r in results])
+    from r1_train.metrics import plot_run
+
+    for path in plot_run(cfg.run.out_dir):
+        print(f"plot: {path}")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    """``r1-train sft``: bad config or data exits 2 (file and row named), before the model
+    loads; a checkpoint that cannot be written exits 1."""
+    from r1_train.config import ConfigError
+    from r1_train.sft import SFTDataError, load_sft_config
+
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    try:
+        cfg = load_sft_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"r1-train sft: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from r1_train.checkpoint import CheckpointWriteFailed
+    from r1_train.sft import train_sft
+    from tangram_core.telemetry import configure_telemetry
+
+    telemetry = configure_telemetry(service_name="r1-train")
+    try:
+        rows = train_sft(cfg)
+    except (SFTDataError, ConfigError) as exc:  # bad data, an eval prompt that cannot fit
+        print(f"r1-train sft: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointWriteFailed as exc:
+        print(f"r1-train sft: the run failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        telemetry.shutdown()
+    if rows:
+        first, last = rows[0], rows[-1]
+        print(
+            f"sft: steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> "
+            f"{last['loss']:.4f}; checkpoints in {cfg.run.out_dir}"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "sft":
+        return _sft(args)
     if args.command == "plot":
         from r1_train.metrics import plot_run
 
@@ -120,48 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tangram_core.telemetry import configure_telemetry
-
-    telemetry = configure_telemetry(service_name="r1-train")
-    run_failures = _run_failures()  # imported here: they pull in torch
-    from r1_train.reaper import start_reaper
-
-    # stops the engine, Ray and the sandboxes if this process dies without closing them
-    start_reaper()
-    from r1_train.tasks import TaskDataError
-    from r1_train.trainer import Trainer
-
-    try:
-        if cfg.cluster is not None:
-            from r1_train.cluster_trainer import ClusterTrainer
-
-            trainer = ClusterTrainer(cfg)
-        else:
-            trainer = Trainer(cfg)
-    except TaskDataError as exc:  # bad data (file and row), found before anything starts
-        print(f"r1-train: {exc}", file=sys.stderr)
-        telemetry.shutdown()
-        return 2
-    except run_failures as exc:  # a cluster that cannot hold the run, a rank that died
-        print(f"r1-train: the run failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
-        telemetry.shutdown()
-        return 1
-    try:
-        results = asyncio.run(trainer.train())
-    except run_failures as exc:
-        # the messages name the step, the task or the path, and what to do; no traceback
-        print(f"r1-train: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        trainer.close()
-        telemetry.shutdown()
-    print_table([{"step": r.step, **r.metrics} for r in results])
-    from r1_train.metrics import plot_run
-
-    for path in plot_run(cfg.run.out_dir):
-        print(f"plot: {path}")
-    return 0
+    return _run(cfg, verbose=args.verbose)
 
 
 if __name__ == "__main__":

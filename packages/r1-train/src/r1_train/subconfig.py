@@ -1,0 +1,61 @@
+"""Config trees of the commands beside ``run`` (``eval``, ``sft``), read as ``run`` reads its own.
+
+Why not ``TrainConfig``: it validates what only GRPO needs (group sizes, rewards, the agent).
+These commands take the sections they share with it (``model``, ``rollout``, ``task``,
+``optim``, ``run``: the same classes, so the same fields and rules) plus their own. A training
+YAML can be passed as it is: the sections a command has no use for are dropped; overrides and
+the command's own sections are still checked strictly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from r1_train.config import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_subconfig(
+    model: type[M], path: Path | None, overrides: Sequence[str] = (), *, command: str
+) -> M:
+    """``model`` from YAML (sections it does not have are dropped) and ``a.b=value``
+    overrides (parsed as YAML; unknown ones refused), with every bad field listed."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top")
+        tree = {k: v for k, v in (loaded or {}).items() if k in model.model_fields}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for name in parents:
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {name!r} is a value, not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])) or '(top)'}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        ]
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid {command} config{where}:\n" + "\n".join(lines)) from None
