@@ -30,23 +30,32 @@ from r1_train.grpo import (
 )
 from r1_train.nonfinite import NonFiniteError
 
+#: Entry-point group: ``model_type = "package.module:function"``; the function registers the
+#: model type with transformers' auto classes (hysparse-vllm declares ``hysparse``).
+MODEL_TYPE_ENTRY_POINTS = "tangram.transformers_models"
+
 
 def register_architecture(path: Path) -> None:
-    """Make transformers know a checkpoint's architecture when a plugin package provides it:
-    HySparse checkpoints (``model_type: hysparse``) come from hysparse-vllm."""
+    """Make transformers know a checkpoint's ``model_type`` when an installed package provides
+    it, through the ``tangram.transformers_models`` entry point: r1-train names no such
+    package (HySparse checkpoints come from hysparse-vllm, which stands alone)."""
     import json
+    from importlib.metadata import entry_points
+
+    from transformers import CONFIG_MAPPING
 
     model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    if model_type != "hysparse":
+    if not model_type or model_type in CONFIG_MAPPING:
         return
-    try:
-        import hysparse_vllm
-    except ImportError:
+    found = [ep for ep in entry_points(group=MODEL_TYPE_ENTRY_POINTS) if ep.name == model_type]
+    if not found:
+        hint = " (pip install packages/hysparse-vllm)" if model_type == "hysparse" else ""
         raise RuntimeError(
-            f"{path} is a HySparse checkpoint: install hysparse-vllm (pip install "
-            "packages/hysparse-vllm) to train it"
-        ) from None
-    hysparse_vllm.register_transformers()
+            f"{path} is a {model_type!r} checkpoint, which transformers does not know and no "
+            f"installed package registers (entry point group {MODEL_TYPE_ENTRY_POINTS!r}): "
+            f"install the package that provides it{hint}"
+        )
+    found[0].load()()
 
 
 def pick_dtype(cfg: ModelConfig) -> torch.dtype:
