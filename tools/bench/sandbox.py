@@ -472,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         "http_throughput_per_s": http["throughput"],
         "http_clients": HTTP_CLIENTS,
         "warm_program_wall_p50_ms": result_inner_p50(pool),
-        "warm_program_wall_note": "the run's wall_s as the worker reports it (the program's "
-        "process alone); warm_p50_ms minus this is the pool's own overhead per request",
+        "warm_program_wall_note": "the run's wall_s as the worker reports it: from the "
+        "program's start to its process's end (the set-up before it is not counted); "
+        "warm_p50_ms minus this is the sandbox's and the pool's own overhead",
         "cold_bwrap_throughput_per_s": cold_bw_tput,
         "batched_tests": {
             "tests": len(tests),

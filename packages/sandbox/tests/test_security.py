@@ -1226,3 +1226,23 @@ def test_a_program_cannot_pass_its_own_death_off_as_the_sandboxes(
     result = sandbox.run(code, limits=SMALL)
     assert (result.status.value, result.stdout.strip()) == (status, stdout), result
     sandbox.assert_unharmed(before)
+
+
+# --- 19. what a run reports -----------------------------------------------------------------------
+
+
+def test_an_ordinary_python_run_reports_its_usage_and_output_whole(solo: Sandbox) -> None:
+    """All the output, the exit status, CPU time and peak memory of a Python run; and the wall
+    limit counts from the program's start (a short limit is the program's timeout, not a
+    failure of the set-up before it: see the compile-timeout test)."""
+    code = (
+        "import sys\nx = bytearray(64 * 1024 * 1024)\nfor i in range(0, len(x), 4096):\n"
+        "    x[i] = 1\nsum(range(3_000_000))\nsys.stdout.write('o' * 100_000)\n"
+        "sys.stderr.write('e' * 5_000)\nsys.exit(3)"
+    )
+    res = solo.run(code, limits=dict(SMALL, output_bytes=1 << 20))
+    assert res.exit_code == 3
+    assert len(res.stdout) == 100_000
+    assert len(res.stderr) == 5_000
+    assert res.max_rss_mb >= 64
+    assert res.cpu_s > 0

@@ -398,7 +398,9 @@ class _Zygote:
                 _discard(self.fd, size)
                 self.send({"type": "end", "compiled": True, "cached": True})
                 return
-        elif self.compile_failed:
+        elif self.compile_failed and meta.get("binary"):
+            # only the runs of a program whose compile step failed: whatever else comes (a new
+            # request after a failed one that ended without its fetch) runs as usual
             _discard(self.fd, size)
             self.send({"type": "end", "skipped": "compilation failed"})
             return
@@ -457,7 +459,11 @@ class _Zygote:
         for fd in watched:
             poller.register(fd, select.POLLIN)
         started, setup_error = False, ""
-        deadline = start + float(limits["wall_s"])
+        # The wall limit is the program's: its clock starts when P says the program starts.
+        # Until then P runs our set-up (well under a millisecond), bounded on its own: a set-up
+        # that hangs is the sandbox's failure, never the program's timeout.
+        wall = float(limits["wall_s"])
+        deadline = start + _SETUP_S + wall
         timed_out = False
         status: int | None = None
         rss_kb = 0
@@ -477,7 +483,8 @@ class _Zygote:
                     timed_out, end = True, time.monotonic()
                     _kill(spare.pid)
                 continue
-            for fd, _ in events:
+            # P's status first: a program that starts and ends within one wait is seen started
+            for fd, _ in sorted(events, key=lambda e: e[0] != spare.status):
                 if fd == pidfd:
                     _, status, usage = os.wait4(spare.pid, 0)
                     end = end if timed_out else time.monotonic()
@@ -488,7 +495,9 @@ class _Zygote:
                 if fd == spare.status:  # ours, not the program's: closed before its code runs
                     chunk = os.read(fd, 4096)
                     if chunk:
-                        started = started or chunk.startswith(b"g")
+                        if not started and chunk.startswith(b"g"):
+                            started, start = True, time.monotonic()
+                            deadline = start + wall
                         if chunk.startswith(b"E"):
                             setup_error = chunk[1:].decode(errors="replace")
                         continue
@@ -654,6 +663,10 @@ def _sendfile_all(out_fd: int, in_fd: int, n: int) -> int:
             break
         offset += sent
     return offset
+
+
+#: The most P's own set-up (inputs, limits) may take before the program starts.
+_SETUP_S = 10.0
 
 
 def _kill(pid: int) -> None:
