@@ -226,38 +226,41 @@ class EnginePool:
         return {e: idx for e, idx in plan.items() if idx}
 
     def generate(self, requests: list[GenRequest]) -> list[Generation]:
+        """Every request's generation, in order. Calls go to all engines at once and are
+        collected as they finish; the requests of an engine that died are sent at once to the
+        engines left (joining their batches), not after the others' calls return."""
         import ray
 
         out: list[Generation | None] = [None] * len(requests)
-        todo = list(range(len(requests)))
         carrier = current_carrier()
         self.spans = []
-        while todo:
+        pending: dict[Any, tuple[int, list[int]]] = {}
+
+        def dispatch(indices: list[int]) -> None:
             if not self.alive:
                 raise EnginesLost(
                     f"every rollout engine is gone ({self.diagnose()}); "
-                    f"{len(todo)} request(s) of the step could not be generated"
+                    f"{len(indices)} request(s) of the step could not be generated"
                 )
-            sub = [requests[i] for i in todo]
-            plan = self._place(sub)
-            calls = {
-                self.workers[e].generate.remote([sub[j] for j in idx], carrier): (e, idx)
-                for e, idx in plan.items()
-            }
-            retry: list[int] = []
-            for ref, (engine, idx) in calls.items():
-                try:
-                    gens, span = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-                    self._lose(engine, exc)
-                    groups = {sub[j].group for j in idx}
-                    self.redispatched_since_take += len(groups)
-                    retry += [todo[j] for j in idx]
-                    continue
-                self.spans.append(span)
-                for j, gen in zip(idx, gens, strict=True):
-                    out[todo[j]] = gen
-            todo = retry
+            sub = [requests[i] for i in indices]
+            for engine, idx in self._place(sub).items():
+                ref = self.workers[engine].generate.remote([sub[j] for j in idx], carrier)
+                pending[ref] = (engine, [indices[j] for j in idx])
+
+        dispatch(list(range(len(requests))))
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            engine, indices = pending.pop(done[0])
+            try:
+                gens, span = ray.get(done[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                self._lose(engine, exc)
+                self.redispatched_since_take += len({requests[i].group for i in indices})
+                dispatch(indices)
+                continue
+            self.spans.append(span)
+            for i, gen in zip(indices, gens, strict=True):
+                out[i] = gen
         return [g for g in out if g is not None]
 
     def _lose(self, engine: int, exc: BaseException) -> None:

@@ -53,6 +53,12 @@ def _start_ray() -> bool:
     return True
 
 
+def run_app_name(base: str) -> str:
+    """This run's name for a Serve app: runs that share a cluster must not replace (or, when
+    they end, delete) each other's reward apps."""
+    return f"{base}-{os.getpid()}"
+
+
 def _deploy(cfg: TrainConfig) -> list[Any]:
     """Serve apps for the configured rewards; returns their RewardManagers."""
     from ray import serve
@@ -72,11 +78,12 @@ def _deploy(cfg: TrainConfig) -> list[Any]:
             num_replicas=cfg.rewards.rule_replicas,
             env=otel,
         )
-        serve.run(build_app(rules), name=APP_RULES, route_prefix=None, external_scaler_enabled=True)
+        app = run_app_name(APP_RULES)
+        serve.run(build_app(rules), name=app, route_prefix=None, external_scaler_enabled=True)
         managers.append(
             RewardManager(
                 RewardManagerConfig(
-                    app=APP_RULES,
+                    app=app,
                     kinds=(KIND_RULES,),
                     resource="reward",
                     min_replicas=cfg.rewards.rule_replicas,
@@ -93,11 +100,12 @@ def _deploy(cfg: TrainConfig) -> list[Any]:
             num_cpus=0.5,
             env=otel,
         )
-        serve.run(build_app(rm), name=APP_RM, route_prefix=None, external_scaler_enabled=True)
+        app = run_app_name(APP_RM)
+        serve.run(build_app(rm), name=app, route_prefix=None, external_scaler_enabled=True)
         managers.append(
             RewardManager(
                 RewardManagerConfig(
-                    app=APP_RM,
+                    app=app,
                     kinds=(KIND_RM,),
                     resource="reward_rm",
                     min_replicas=1,
@@ -184,9 +192,13 @@ async def services(
         if need_ray:
             from ray import serve
 
-            with contextlib.suppress(Exception):
-                serve.shutdown()  # type: ignore[no-untyped-call]
-            if started_ray:
+            if started_ray:  # our own Ray: Serve and Ray go with the run
                 import ray
 
+                with contextlib.suppress(Exception):
+                    serve.shutdown()  # type: ignore[no-untyped-call]
                 ray.shutdown()
+            else:  # a shared cluster: only this run's apps go, other runs' stay up
+                for name in (run_app_name(APP_RULES), run_app_name(APP_RM)):
+                    with contextlib.suppress(Exception):
+                        serve.delete(name)
