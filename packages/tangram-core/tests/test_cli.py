@@ -64,17 +64,20 @@ def test_simulate_then_report_with_plots(tmp_path, trace_file):
         assert len(data) > 5_000  # a drawn figure, not an empty canvas
 
 
-def test_isolated_scheduler_is_slower_on_the_same_trace(tmp_path, trace_file):
+def test_isolated_and_static_schedulers_are_slower_on_the_same_trace(tmp_path, trace_file):
     means = {}
-    for sched in ("elastic", "isolated"):
+    for sched in ("elastic", "isolated", "static"):
         run = tmp_path / f"{sched}.jsonl"
         args = ["--scheduler", sched, "--cpu", "16", "--gpu", "4", "--out", str(run)]
-        assert cli("simulate", str(trace_file), *args).returncode == 0
+        out = cli("simulate", str(trace_file), *args)
+        assert out.returncode == 0, out.stderr
+        assert "act_over_capacity_bound" in out.stdout
         acts = [
             json.loads(x)["end"] - json.loads(x)["submit"] for x in run.read_text().splitlines()
         ]
         means[sched] = sum(acts) / len(acts)
     assert means["elastic"] < means["isolated"]
+    assert means["elastic"] < means["static"]
 
 
 def test_user_errors_exit_2_with_one_clear_line(tmp_path, trace_file):

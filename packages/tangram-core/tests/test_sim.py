@@ -196,3 +196,29 @@ def test_autoscaling_an_unknown_resource_is_refused():
     scaling = SimAutoscaling(pools={"gpu": PoolScaling(config=AutoscalingConfig(max_units=2))})
     with pytest.raises(ValueError, match=r"autoscaled resources \['gpu'\] are not in"):
         Simulator(elastic(1), autoscaling=scaling).run_trace([(0.0, act("a", 1.0))])
+
+
+def test_open_loop_static_returns_a_lease_when_the_trajectory_last_action_ends():
+    # 12 trajectories of 3 actions each on 2 sandboxes: leases must come back, or 10
+    # trajectories would never start.
+    trace = [
+        (float(t) + 0.5 * k, act(f"t{t}a{k}", 1.0, traj=f"t{t}"))
+        for t in range(12)
+        for k in range(3)
+    ]
+    static = Simulator(StaticLeaseScheduler(2, {"cpu": 1.0}, fleets={})).run_trace(trace)
+    assert static.n_actions == 36
+    # A trajectory holds its sandbox until its last action ends: never more than 2 at once.
+    spans: dict[str, tuple[float, float]] = {}
+    for spec_id, s, e in zip(
+        (a.spec.id for a in static.actions), static.start, static.end, strict=True
+    ):
+        traj = spec_id.split("a")[0]
+        lo, hi = spans.get(traj, (s, e))
+        spans[traj] = (min(lo, s), max(hi, e))
+    for t in {s for s, _ in spans.values()}:
+        assert sum(lo <= t < hi for lo, hi in spans.values()) <= 2
+    # Actions with no trajectory each lease for themselves and give it back at their end.
+    solo = [(0.0, act(f"s{i}", 1.0)) for i in range(5)]
+    res = Simulator(StaticLeaseScheduler(1, {"cpu": 1.0}, fleets={})).run_trace(solo)
+    assert sorted(res.end) == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])

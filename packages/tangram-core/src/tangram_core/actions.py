@@ -50,6 +50,11 @@ class Action(BaseModel):
         gt=0,
         description="The caller's estimate of T(1); the online estimator is used if unset.",
     )
+    features: dict[str, float] = Field(
+        default_factory=dict,
+        description="Numbers that predict the duration (tests, code_bytes, input_tokens, ...); "
+        "the payload-aware estimator learns from them. Each must be finite and >= 0.",
+    )
     deadline_s: float | None = Field(
         None, gt=0, description="Seconds after submission by which the result is still useful."
     )
@@ -64,6 +69,16 @@ class Action(BaseModel):
         if bad:
             raise ValueError(f"every demand must be a named resource with amount > 0; got {bad}")
         return demand
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, features: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in features.items() if not (0 <= v < float("inf")) or not k}
+        if bad:
+            raise ValueError(
+                f"every feature must be a named, finite number >= 0 (counts, sizes); got {bad}"
+            )
+        return features
 
 
 class ActionStatus(enum.StrEnum):

@@ -173,6 +173,8 @@ class StaticLeaseScheduler(Scheduler):
     a rollout behave once the sandbox service is capped.
     """
 
+    holds_trajectories = True
+
     def __init__(
         self,
         n_sandboxes: int,

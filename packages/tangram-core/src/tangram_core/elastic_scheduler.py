@@ -8,18 +8,30 @@ The algorithm (our reconstruction of ARL-Tangram's, see ``shared/papers/arl-tang
    waits. Because ``now`` is common to every queued action, ageing by
    ``T_est - aging_rate * (now - submit)`` orders exactly like the static key above, so the
    queue is a plain heap and never needs re-sorting.
+   With ``order="las"`` the rank is instead the single-unit seconds that the action's
+   trajectory has run so far (least attained service, as Libra orders agentic rollouts): no
+   estimate needed. Estimates come from :class:`~tangram_core.payload_estimator.PayloadEstimator`
+   by default (learned from the action's features), or the caller's, whichever measured better.
 2. **Admission.** Actions with the same demand shape (per-unit demand and minimum units) share a
    heap; if the head of a shape does not fit, none of that shape fits. A heap of shape heads
    walks the queue in rank order and starts each head at its minimum units while every resource
    type it needs fits, and it skips (backfills past) shapes that do not fit. So one
    decision costs O(log Q + log G) for Q queued actions and G shapes, not O(Q).
-3. **Bounded wait.** An action that has waited longer than ``max_wait_s`` goes first, and if it
+3. **Reservation (EASY backfilling).** Backfilling past a shape that does not fit lets a
+   stream of one-unit actions postpone, indefinitely, one that needs several units at once.
+   So the first such multi-unit action in rank order that has waited ``reserve_after_s`` gets
+   a reservation: by the running actions' estimated ends, when its minimum will be free. Later
+   actions start on those resources only if, by estimate, they end before that time or fit in
+   the units left over then. The ends are kept in a lazy heap per resource (only once a
+   multi-unit shape has arrived), and the reservation is worked out only when some later action
+   could actually start, so a saturated queue pays little for it.
+4. **Bounded wait.** An action that has waited longer than ``max_wait_s`` goes first, and if it
    does not fit, its resource types are closed to backfilling for that round: it takes the
    next units that free up. No action waits forever behind a stream of smaller ones.
-4. **Reclaim.** Units that an elastic action holds above its minimum are borrowed. A queued
+5. **Reclaim.** Units that an elastic action holds above its minimum are borrowed. A queued
    action that does not fit takes them back: the running actions with the smallest marginal loss
    ``R*(f(u-1) - f(u))`` shrink first, and only when that frees enough.
-5. **Expansion.** Units that no queued action can use go to elastic actions by largest marginal
+6. **Expansion.** Units that no queued action can use go to elastic actions by largest marginal
    gain ``R*(f(u) - f(u+1))`` (R: estimated remaining single-unit work), greedily from a heap,
    until the gain falls below ``min_gain_s``. Expansion leaves ``expand_reserve`` of each pool
    free, so that arrivals start at once instead of reclaiming: on a busy cluster this cuts
@@ -37,10 +49,12 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tangram_core.estimator import DurationEstimator
+from tangram_core.payload_estimator import PayloadEstimator
 from tangram_core.scheduler import (
     EMPTY_PLAN,
     ActionSpec,
@@ -61,6 +75,14 @@ def _resources(demand: tuple[tuple[str, float], ...]) -> frozenset[str]:
     return frozenset(r for r, _ in demand)
 
 
+@functools.lru_cache(maxsize=4096)
+def _multi_unit(shape: Shape) -> bool:
+    """Whether an action of this shape needs more than one unit of some resource at once: such
+    an action waits for several units to be free together, so smaller ones can starve it."""
+    demand, min_units = shape
+    return any(d * min_units > 1.0 + _EPS for _, d in demand)
+
+
 class ElasticConfig(BaseModel):
     """Tuning of :class:`ElasticScheduler`; every field has a safe default."""
 
@@ -69,6 +91,12 @@ class ElasticConfig(BaseModel):
         0.05,
         ge=0.0,
         description="Seconds of rank an action gains per second it waits (0 = pure SRPT).",
+    )
+    order: Literal["srpt", "las"] = Field(
+        "srpt",
+        description="Queue order: 'srpt' ranks by estimated run time (shortest first); 'las' "
+        "(least attained service, as Libra orders agentic rollouts) ranks by the single-unit "
+        "seconds its trajectory's actions have run so far, and needs no estimate.",
     )
     max_wait_s: float = Field(
         300.0, gt=0, description="Past this wait an action goes first and blocks backfilling."
@@ -81,6 +109,21 @@ class ElasticConfig(BaseModel):
     )
     min_gain_s: float = Field(
         1e-3, ge=0.0, description="Smallest expected saving (s) worth one more unit."
+    )
+    reserve: bool = Field(
+        True,
+        description="EASY backfilling: the first action in rank order that needs more than one "
+        "unit of a resource and does not fit gets a reserved start (when, by the estimates, "
+        "enough units will be free); others start on that resource only if they finish before "
+        "it by estimate, or fit in the units left over at that time.",
+    )
+    reserve_after_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="How long a multi-unit action waits before it gets a reservation. Before "
+        "that, smaller actions may start in front of it (better mean ACT on bursts); after, its "
+        "wait is bounded by this plus the time for enough running actions to end, far below "
+        "max_wait_s. 0: reserve at once (classic EASY).",
     )
     expand_reserve: float = Field(
         0.1,
@@ -111,6 +154,7 @@ class _Running:
     t1_done: float = 0.0
     fu: float = 1.0  # T(units)/T(1), cached: this is on the simulator's hot path
     fixed: bool = False  # its manager refused a resize: never grow or shrink it again
+    end_seq: int = -1  # the seq of its current entry in the scheduler's `_ends` heaps
 
     def remaining_t1(self, now: float) -> float:
         done = self.t1_done + (now - self.seg_start) / self.fu
@@ -131,6 +175,8 @@ class _Round:
     resizes: dict[str, int] = field(default_factory=dict)
     closed: set[str] = field(default_factory=set)  # reserved for a starving action
     blocked: set[str] = field(default_factory=set)  # some queued action could not get them
+    # EASY reservations: resource -> [reserved start, units left over at that start]
+    reserved: dict[str, list[float]] = field(default_factory=dict)
 
 
 class ElasticScheduler(Scheduler):
@@ -145,7 +191,7 @@ class ElasticScheduler(Scheduler):
         limits: Mapping[str, float] | None = None,
     ) -> None:
         self.config = config or ElasticConfig()
-        self.estimator = estimator or DurationEstimator()
+        self.estimator = estimator or PayloadEstimator()
         self.stats = SchedulerStats()
         self._cap: dict[str, float] = {}
         self._limits: dict[str, float] = {}
@@ -170,6 +216,12 @@ class ElasticScheduler(Scheduler):
         # units stay fixed), so a popped entry is re-evaluated and pushed back if another may now
         # beat it. One heap per shape lets a shape whose resources are exhausted be skipped whole.
         self._growable: dict[tuple[tuple[str, float], ...], list[tuple[float, int, str, int]]] = {}
+        # Per resource, a lazy min-heap of (estimated end, seq, id) of running actions, for EASY
+        # reservations; an entry is current while its seq is the run's `end_seq`.
+        self._ends: dict[str, list[tuple[float, int, str]]] = {}
+        self._track_ends = False  # only once a multi-unit shape arrives: it costs every start
+        self._attained: dict[str, float] = {}  # trajectory -> T(1)-seconds run so far (LAS)
+        self._las = self.config.order == "las"  # read on every enqueue and completion
         self._seq = itertools.count()
         self._no_growth = True  # no growable entry exists: `_expand` has nothing to look at
         self._dirty = True
@@ -200,7 +252,9 @@ class ElasticScheduler(Scheduler):
         if shape not in self._valid_shapes:
             self._check_limits(spec)
             self._valid_shapes.add(shape)
-        est = spec.estimated_t1 or self.estimator.estimate(spec.kind, spec.size)
+            if self.config.reserve and not self._track_ends and _multi_unit(shape):
+                self._start_tracking_ends(now)
+        est = self.estimator.estimate_spec(spec)
         self._enqueue(spec, now, est)
         self.stats.submitted += 1
 
@@ -221,7 +275,11 @@ class ElasticScheduler(Scheduler):
                 )
 
     def _enqueue(self, spec: ActionSpec, submit_time: float, est_t1: float) -> None:
-        rank = est_t1 * spec.factors[0] + self.config.aging_rate * submit_time
+        if self._las:
+            served = self._attained.get(spec.trajectory_id, 0.0) if spec.trajectory_id else 0.0
+            rank = served + self.config.aging_rate * submit_time
+        else:
+            rank = est_t1 * spec.factors[0] + self.config.aging_rate * submit_time
         seq = next(self._seq)
         item = _Queued(spec, submit_time, (-spec.priority, rank, seq), est_t1)
         self._queued[spec.id] = item
@@ -235,9 +293,12 @@ class ElasticScheduler(Scheduler):
             raise KeyError(f"complete({action_id!r}): no such running action")
         self._lend(run, run.units, 0)
         self._release(run.spec, run.units)
+        run.resize(run.units, now)  # folds the last segment into t1_done
         if succeeded:
-            run.resize(run.units, now)  # folds the last segment into t1_done
-            self.estimator.observe(run.spec.kind, run.spec.size, run.t1_done)
+            self.estimator.observe_spec(run.spec, run.t1_done)
+        traj = run.spec.trajectory_id
+        if traj is not None and self._las:
+            self._attained[traj] = self._attained.get(traj, 0.0) + run.t1_done
         self.stats.completed += 1
         self._dirty = True
 
@@ -265,6 +326,9 @@ class ElasticScheduler(Scheduler):
         run.fixed = True
         self.stats.resizes_refused += 1
         self._dirty = True
+
+    def trajectory_done(self, trajectory_id: str, now: float) -> None:
+        self._attained.pop(trajectory_id, None)
 
     def cancel(self, action_id: str) -> bool:
         item = self._queued.pop(action_id, None)
@@ -371,6 +435,8 @@ class ElasticScheduler(Scheduler):
         )
         self._running[spec.id] = run
         rnd.starts[spec.id] = spec.min_units
+        if self._track_ends:
+            self._push_end(run, now)
         self._push_growable(run, now)
         kinds = self.stats.by_kind_started
         kinds[spec.kind] = kinds.get(spec.kind, 0) + 1
@@ -405,16 +471,22 @@ class ElasticScheduler(Scheduler):
         if self._freed:
             self._unstick(self._freed)
             self._freed = set()
+        # Reservations need the ends of running actions, tracked once a multi-unit shape exists.
+        reserve, reserve_after = self._track_ends, self.config.reserve_after_s
+        stuck = self._stuck
         heads: list[tuple[tuple[int, float, int], Shape]] = []
         for shape, heap in self._shapes.items():
-            if shape in self._stuck:
+            if shape in stuck and not (reserve and _multi_unit(shape)):
                 rnd.blocked |= _resources(shape[0])
-                continue
+                continue  # a stuck single-unit shape can neither start nor reserve
             while heap and not heap[0][1].alive:
                 heapq.heappop(heap)
             if heap:
                 heads.append((heap[0][0], shape))
         heapq.heapify(heads)
+        reserved = rnd.reserved
+        holder: _Queued | None = None  # the first blocked multi-unit action, once found
+        holder_needs: frozenset[str] = frozenset()
         while heads:
             _, shape = heapq.heappop(heads)
             heap = self._shapes[shape]
@@ -423,10 +495,33 @@ class ElasticScheduler(Scheduler):
             if needs & rnd.closed:
                 rnd.blocked |= needs
                 continue  # reserved for a starving action this round
-            if not self._try_start(item, now, rnd):
+            leftover = None
+            if holder is not None and not needs.isdisjoint(holder_needs):
+                todo = needs & holder_needs
+                if not todo.issubset(reserved) and self._could_start(shape):
+                    # Worked out only now, and only on the resources this action wants, when it
+                    # could really take units: under load most candidates do not fit anyway,
+                    # and each resource's reservation costs a walk of its heap of ends.
+                    self._reserve(holder, now, reserved, todo)
+            if reserved and not needs.isdisjoint(reserved):
+                leftover = self._backfill_use(item, now, reserved)
+                if leftover is None:
+                    rnd.blocked |= needs
+                    continue  # it would delay a reserved start; not stuck: it may fit later
+            if shape in stuck or not self._try_start(item, now, rnd):
                 rnd.blocked |= needs
-                self._stuck.add(shape)
+                stuck.add(shape)
+                if (
+                    reserve
+                    and holder is None
+                    and now - item.submit_time >= reserve_after
+                    and _multi_unit(shape)
+                ):
+                    holder, holder_needs = item, needs
                 continue  # the whole shape waits until one of its resources is released
+            if leftover:
+                for r, used in leftover:
+                    reserved[r][1] -= used
             heapq.heappop(heap)
             while heap and not heap[0][1].alive:
                 heapq.heappop(heap)
@@ -434,6 +529,103 @@ class ElasticScheduler(Scheduler):
                 heapq.heappush(heads, (heap[0][0], shape))
             else:
                 del self._shapes[shape]
+
+    # -- EASY reservations -----------------------------------------------------------------------
+
+    def _could_start(self, shape: Shape) -> bool:
+        """Whether an action of ``shape`` fits now, or could by reclaiming borrowed units."""
+        demand = shape[0]
+        if self._fits(demand, shape[1]):
+            return True
+        borrowed = self._borrowed
+        for r, _ in demand:  # noqa: SIM110 - hot path, see _fits
+            if borrowed.get(r, 0.0) > _EPS:
+                return True
+        return False
+
+    def _start_tracking_ends(self, now: float) -> None:
+        """The first multi-unit shape arrived: record the ends of what already runs."""
+        self._track_ends = True
+        for run in self._running.values():
+            self._push_end(run, now)
+
+    def _push_end(self, run: _Running, now: float) -> None:
+        """Record a running action's estimated end, for the reservations of blocked actions."""
+        seq = next(self._seq)
+        run.end_seq = seq
+        end = now + run.remaining_t1(now) * run.fu
+        for r, _ in run.spec.demand:
+            heap = self._ends.setdefault(r, [])
+            heapq.heappush(heap, (end, seq, run.spec.id))
+            if len(heap) > 2 * len(self._running) + 64:  # drop stale entries now and then
+                live = [e for e in heap if self._end_is_current(e)]
+                heapq.heapify(live)
+                self._ends[r] = live
+
+    def _end_is_current(self, entry: tuple[float, int, str]) -> bool:
+        run = self._running.get(entry[2])
+        return run is not None and run.end_seq == entry[1]
+
+    def _reserve(
+        self,
+        item: _Queued,
+        now: float,
+        reserved: dict[str, list[float]],
+        only: frozenset[str],
+    ) -> None:
+        """Reserve, on each resource in ``only`` that ``item`` needs, the earliest time by the
+        estimates at which its minimum will be free, and note how much will be left over then.
+
+        Units that elastic actions hold above their minimum count as free: reclaim takes them
+        back. If running actions can never free enough (the pool shrank), the reservation is
+        at infinity: it holds nothing back.
+        """
+        spec = item.spec
+        running = self._running
+        for r, d in spec.demand:
+            if r not in only or r in reserved:
+                continue
+            need = d * spec.min_units
+            free = self._cap.get(r, 0.0) - self._used.get(r, 0.0) + self._borrowed.get(r, 0.0)
+            heap = self._ends.get(r, [])
+            popped: list[tuple[float, int, str]] = []
+            shadow = now
+            while free + _EPS < need and heap:
+                entry = heapq.heappop(heap)
+                run = running.get(entry[2])
+                if run is None or run.end_seq != entry[1]:
+                    continue  # stale: the run ended or was re-timed; drop it for good
+                popped.append(entry)
+                units = run.units if run.fixed else run.spec.min_units
+                for r2, d2 in run.spec.demand:
+                    if r2 == r:
+                        free += d2 * units
+                if entry[0] > shadow:
+                    shadow = entry[0]
+            for entry in popped:
+                heapq.heappush(heap, entry)
+            if free + _EPS >= need:
+                reserved[r] = [shadow, free - need]
+            else:
+                reserved[r] = [math.inf, math.inf]
+
+    def _backfill_use(
+        self, item: _Queued, now: float, reserved: dict[str, list[float]]
+    ) -> list[tuple[str, float]] | None:
+        """Whether ``item`` may start on reserved resources: ``None`` if it would delay a
+        reserved start; else the left-over units it takes per resource (empty if it ends first)."""
+        spec = item.spec
+        end = now + item.est_t1 * spec.factors[0]
+        uses: list[tuple[str, float]] = []
+        for r, d in spec.demand:
+            slot = reserved.get(r)
+            if slot is None or end <= slot[0]:
+                continue
+            need = d * spec.min_units
+            if need > slot[1] + _EPS:
+                return None
+            uses.append((r, need))
+        return uses
 
     def _unstick(self, freed: set[str]) -> None:
         """Re-admit the stuck shapes that a release may have made startable.
@@ -545,6 +737,8 @@ class ElasticScheduler(Scheduler):
     def _set_units(self, run: _Running, units: int, now: float, rnd: _Round) -> None:
         self._lend(run, run.units, units)
         run.resize(units, now)
+        if self._track_ends:
+            self._push_end(run, now)
         if run.spec.id in rnd.starts:
             rnd.starts[run.spec.id] = units
         else:

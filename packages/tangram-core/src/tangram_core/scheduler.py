@@ -42,6 +42,9 @@ class ActionSpec:
     priority: int = 0
     estimated_t1: float | None = None
     trajectory_id: str | None = None
+    # Numbers the payload carries that predict its duration (tests, code bytes, tokens), sorted
+    # by name; the payload-aware estimator learns from them.
+    features: tuple[tuple[str, float], ...] = ()
 
     def factor(self, units: int) -> float:
         return self.factors[min(max(units, self.min_units), self.max_units) - self.min_units]
@@ -64,6 +67,7 @@ class ActionSpec:
             priority=action.priority,
             estimated_t1=action.estimated_duration_s,
             trajectory_id=action.trajectory_id,
+            features=tuple(sorted(action.features.items())),
         )
 
 
@@ -116,6 +120,10 @@ class CapacityError(ValueError):
 
 class Scheduler(abc.ABC):
     """Decides what starts now, and on how many units; implementations are pure, deterministic."""
+
+    #: Whether :meth:`trajectory_done` frees resources (trajectory-bound leases). An open-loop
+    #: driver then tracks when each trajectory's last action ends; others skip that cost.
+    holds_trajectories: bool = False
 
     @abc.abstractmethod
     def set_capacity(

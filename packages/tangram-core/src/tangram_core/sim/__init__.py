@@ -2,6 +2,7 @@
 training loops, synchronous or asynchronous (:mod:`.rl_loop`)."""
 
 from tangram_core.sim.autoscale import PoolScaling, SimAutoscaling
+from tangram_core.sim.bounds import CapacityBound, capacity_bound, result_jobs, trace_jobs
 from tangram_core.sim.engine import (
     ActionRunner,
     SimAction,
@@ -25,6 +26,7 @@ from tangram_core.sim.workloads import (
 
 __all__ = [
     "ActionRunner",
+    "CapacityBound",
     "CodeAgentWorkload",
     "DecodeModel",
     "PoolScaling",
@@ -40,11 +42,14 @@ __all__ = [
     "TrainerModel",
     "TrajectoryPlan",
     "Turn",
+    "capacity_bound",
     "code_agent_steps",
     "count_actions",
     "load_trace",
     "poisson_actions",
+    "result_jobs",
     "save_trace",
     "simulate_rl_loop",
     "summarize",
+    "trace_jobs",
 ]

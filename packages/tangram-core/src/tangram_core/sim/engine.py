@@ -61,6 +61,7 @@ class SimResult:
 
     name: str
     kinds: list[str] = field(default_factory=list)
+    actions: list[SimAction] = field(default_factory=list)  # for bounds at the run's arrivals
     submit: list[float] = field(default_factory=list)
     start: list[float] = field(default_factory=list)
     end: list[float] = field(default_factory=list)
@@ -106,7 +107,7 @@ class ActionRunner:
     so the older finish event is recognised as stale and ignored.
     """
 
-    __slots__ = ("_push", "busy", "res", "running", "sched", "waiting")
+    __slots__ = ("_push", "busy", "last_spec", "res", "running", "sched", "waiting")
 
     def __init__(
         self,
@@ -122,11 +123,13 @@ class ActionRunner:
         self.running: dict[str, list[Any]] = {}
         self.waiting: dict[str, tuple[SimAction, int]] = {}  # submitted, not started
         self.busy = dict.fromkeys(result.capacity, 0.0)
+        self.last_spec: ActionSpec | None = None  # the spec of the action that last finished
 
     def submit(self, action: SimAction, now: float) -> None:
         res = self.res
         index = len(res.end)
         res.kinds.append(action.spec.kind)
+        res.actions.append(action)
         res.submit.append(now)
         res.start.append(now)
         res.end.append(now)
@@ -141,6 +144,7 @@ class ActionRunner:
             return False
         del self.running[action_id]
         sim_action, units = run[0], run[1]
+        self.last_spec = sim_action.spec
         busy = self.busy
         for r, d in sim_action.spec.demand:
             busy[r] = busy.get(r, 0.0) + d * units * (now - run[2])
@@ -215,6 +219,15 @@ class Simulator:
         # instant, arrivals come before every other event, as if pushed first.
         arrivals = sorted(trace, key=lambda item: item[0])
         n_arrivals, next_arrival = len(arrivals), 0
+        # Open loop: a trajectory ends when the last of its actions in the trace ends. Telling
+        # the scheduler lets trajectory-bound provisioning (the static lease baseline) give its
+        # sandbox back; without it, a static run with fewer sandboxes than trajectories would
+        # leave every later trajectory's actions unstarted forever.
+        left_in_traj: dict[str, int] = {}
+        if sched.holds_trajectories:
+            for _, action in arrivals:
+                owner_key = action.spec.trajectory_id or action.spec.id
+                left_in_traj[owner_key] = left_in_traj.get(owner_key, 0) + 1
 
         def push_finish(t: float, action_id: str, version: int) -> None:
             heapq.heappush(heap, (t, next(counter), _FINISH, action_id, version))
@@ -280,7 +293,16 @@ class Simulator:
                     if self._on_progress is not None and done % 10_000 == 0:
                         self._on_progress(done)
                     slot = owner.pop(a, -1)
-                    if slot >= 0:
+                    spec = runner.last_spec
+                    if slot < 0 and left_in_traj and spec is not None:
+                        owner_key = spec.trajectory_id or spec.id
+                        left = left_in_traj[owner_key] - 1
+                        if left:
+                            left_in_traj[owner_key] = left
+                        else:
+                            del left_in_traj[owner_key]
+                            sched.trajectory_done(owner_key, now)
+                    elif slot >= 0:
                         traj_pending[slot] -= 1
                         if traj_pending[slot] == 0:
                             traj_turn[slot] += 1

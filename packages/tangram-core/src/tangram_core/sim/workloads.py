@@ -23,10 +23,11 @@ import functools
 import json
 import math
 import random
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tangram_core.elasticity import Amdahl
 from tangram_core.scheduler import ActionSpec
@@ -58,7 +59,31 @@ class CodeAgentWorkload(BaseModel):
     reward_max_replicas: int = Field(4, ge=1)
     reward_parallel_fraction: float = Field(0.85, ge=0, le=1)
     reward_models: tuple[str, ...] = REWARD_MODELS
+    reward_gpus: tuple[int, ...] = Field(
+        (),
+        description="GPUs each reward model's call needs at once, rigid (parallel to "
+        "reward_models, e.g. (1, 2, 4)); empty: calls are elastic over 1..reward_max_replicas.",
+    )
+    feature_corr: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Correlation between a code action's log duration and the log of the sizes "
+        "its payload carries (code_bytes; tests for test runs, at 0.6 of it): how much a "
+        "payload-aware estimator can know before the run. 0: no features.",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _rigid_rewards(self) -> CodeAgentWorkload:
+        if self.reward_gpus and len(self.reward_gpus) != len(self.reward_models):
+            raise ValueError(
+                f"reward_gpus has {len(self.reward_gpus)} entries but reward_models has "
+                f"{len(self.reward_models)}: give one GPU count per reward model"
+            )
+        if any(g < 1 for g in self.reward_gpus):
+            raise ValueError(f"every reward_gpus entry must be >= 1; got {self.reward_gpus}")
+        return self
 
 
 @functools.lru_cache(maxsize=1024)
@@ -86,14 +111,43 @@ def tool_action(
         max_units=w.tests_max_cores if tests else 1,
         factors=_factors(1, w.tests_max_cores, w.tests_parallel_fraction) if tests else (1.0,),
         trajectory_id=trajectory_id,
+        features=_code_features(w, action_id, dur, tests),
     )
     return SimAction(spec, dur)
+
+
+def _code_features(
+    w: CodeAgentWorkload, action_id: str, dur: float, tests: bool
+) -> tuple[tuple[str, float], ...]:
+    """What a code action's payload says about its size, correlated ``w.feature_corr`` (in log
+    space) with its duration. Drawn from a generator of its own, seeded by the action id, so
+    that turning features on or off leaves every other draw of the workload unchanged."""
+    rho = w.feature_corr
+    if rho <= 0:
+        return ()
+    frng = random.Random(zlib.crc32(f"{w.seed}:{action_id}".encode()))
+    z = (math.log(dur) - math.log(w.exec_median_s)) / max(w.exec_sigma, 1e-9)
+    noise = math.sqrt(max(1.0 - rho * rho, 0.0))
+    code = rho * z + noise * frng.gauss(0.0, 1.0)
+    feats = [("code_bytes", float(round(1500 * math.exp(0.8 * code))))]
+    if tests:
+        r2 = 0.6 * rho
+        n = r2 * z + math.sqrt(1.0 - r2 * r2) * frng.gauss(0.0, 1.0)
+        feats.append(("tests", float(max(1, round(6 * math.exp(0.5 * n))))))
+    return tuple(feats)
 
 
 def reward_action(
     rng: random.Random, w: CodeAgentWorkload, action_id: str, trajectory_id: str | None, kind: str
 ) -> SimAction:
-    """One reward-model call of ``kind`` on the GPU pool, elastic across replicas (one draw)."""
+    """One reward-model call of ``kind`` on the GPU pool, elastic across replicas (one draw), or
+    rigid on ``w.reward_gpus`` GPUs at once where the workload sets them."""
+    if w.reward_gpus:
+        gpus = w.reward_gpus[w.reward_models.index(kind)]
+        rigid = ActionSpec(
+            id=action_id, kind=kind, demand=(("gpu", float(gpus)),), trajectory_id=trajectory_id
+        )
+        return SimAction(rigid, w.reward_s * rng.uniform(0.7, 1.3))
     spec = ActionSpec(
         id=action_id,
         kind=kind,
