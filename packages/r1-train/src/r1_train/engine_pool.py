@@ -64,10 +64,11 @@ class EngineWorker:
             return self.engine.generate(requests), span
 
     def sync_weights(
-        self, state: dict[str, Any], version: int, carrier: dict[str, str]
+        self, state: dict[str, Any] | bytes, version: int, carrier: dict[str, str]
     ) -> tuple[float, float, dict[str, Any]]:
-        """Load ``state`` (resolved by Ray from the object store on this node); returns the
-        engine's fingerprint, the seconds the load took here, and the span's ids."""
+        """Load ``state`` (resolved by Ray from the object store on this node: a state dict,
+        or a safetensors file's bytes); returns the engine's fingerprint, the seconds the load
+        took here, and the span's ids."""
         t0 = time.perf_counter()
         with remote_span(SPAN_ENGINE_SYNC, carrier, {ENGINE: self.index}) as span:
             fingerprint = self.engine.sync_weights(state, version)
@@ -91,7 +92,7 @@ class EngineWorker:
             return await self.stream.generate(request)
 
     async def stream_update(
-        self, state: dict[str, Any], version: int, carrier: dict[str, str]
+        self, state: dict[str, Any] | bytes, version: int, carrier: dict[str, str]
     ) -> float:
         """New weights between two decode steps (``state`` pulled from the object store)."""
         with remote_span(SPAN_ENGINE_SYNC, carrier, {ENGINE: self.index}):

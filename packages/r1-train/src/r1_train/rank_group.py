@@ -112,6 +112,7 @@ class RankGroup:
         self.model_path, self.run_dir = Path(model_path), Path(run_dir)
         self.world = len(ranks)
         self.spans: list[dict[str, Any]] = []  # the ranks' span ids of the last update/gather
+        self.last_fingerprint: float | None = None  # of the weights last sent to the engines
         self._saved: dict[str, Any] | None = None
 
     # what Trainer calls on a Policy -------------------------------------------------------
@@ -148,6 +149,7 @@ class RankGroup:
         spans = self._gather([span for _, span in refs], "the weight gather")
         self._gather(states[1:], "the weight gather")  # the others' Nones: the gather is done
         self.spans = spans
+        self.last_fingerprint = float(spans[0]["fingerprint"])
         return states[0]
 
     def save(self, folder: Path) -> None:

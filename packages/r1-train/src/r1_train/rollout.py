@@ -161,12 +161,18 @@ class _WeightDrop:
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
 
     @contextlib.contextmanager
-    def staged(self, state_dict: dict[str, Any]) -> Iterator[str]:
-        """Write ``state_dict`` as one checkpoint file; yields the directory to load from."""
+    def staged(self, state_dict: dict[str, Any] | bytes) -> Iterator[str]:
+        """Write ``state_dict`` as one checkpoint file; yields the directory to load from.
+
+        ``bytes``: an already serialised safetensors file (what a cluster's trainer rank sends
+        through the object store), written as it is, with no second serialisation here."""
         from safetensors.torch import save_file
 
         path = self.dir / "model.safetensors"
-        save_file(state_dict, str(path))
+        if isinstance(state_dict, bytes | bytearray | memoryview):
+            path.write_bytes(state_dict)
+        else:
+            save_file(state_dict, str(path))
         try:
             yield str(self.dir)
         finally:
@@ -219,7 +225,7 @@ class VLLMEngine:
             )
         return gens
 
-    def sync_weights(self, state_dict: dict[str, Any], version: int) -> float:
+    def sync_weights(self, state_dict: dict[str, Any] | bytes, version: int) -> float:
         with self.weight_drop.staged(state_dict) as weights_dir:
             (fingerprint,) = self.llm.collective_rpc("load_weights_from", args=(weights_dir,))
         self.llm.reset_prefix_cache()

@@ -84,6 +84,7 @@ def _deploy(cfg: TrainConfig) -> list[Any]:
             RewardManager(
                 RewardManagerConfig(
                     app=app,
+                    deployment=APP_RULES,  # the deployment keeps its name
                     kinds=(KIND_RULES,),
                     resource="reward",
                     min_replicas=cfg.rewards.rule_replicas,
@@ -106,6 +107,7 @@ def _deploy(cfg: TrainConfig) -> list[Any]:
             RewardManager(
                 RewardManagerConfig(
                     app=app,
+                    deployment=APP_RM,
                     kinds=(KIND_RM,),
                     resource="reward_rm",
                     min_replicas=1,

@@ -55,7 +55,7 @@ class _Request:
 
 @dataclass
 class _Update:
-    state_dict: dict[str, Any]
+    state_dict: dict[str, Any] | bytes  # bytes: a serialised safetensors file
     version: int
     future: asyncio.Future[float]
     loop: asyncio.AbstractEventLoop
@@ -151,7 +151,7 @@ class StreamingEngine:
             self._cv.notify()
         return await future
 
-    async def update_weights(self, state_dict: dict[str, Any], version: int) -> float:
+    async def update_weights(self, state_dict: dict[str, Any] | bytes, version: int) -> float:
         """Hand new weights to the engine; returns the fingerprint it computed after loading."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[float] = loop.create_future()

@@ -261,6 +261,14 @@ class Trainer:
         ):
             state = await asyncio.to_thread(self.policy.engine_state)
             self.engine_fingerprint = await publish(state, self.version + 1)
+            sent = getattr(self.policy, "last_fingerprint", None)  # the cluster's ranks say
+            if sent is not None and not math.isclose(
+                self.engine_fingerprint, sent, rel_tol=1e-9, abs_tol=1e-6
+            ):
+                raise RuntimeError(
+                    f"the engines loaded weights with fingerprint {self.engine_fingerprint!r}, "
+                    f"not the trainer's {sent!r}: the weight sync corrupted or lost an update"
+                )
         clock["sync"] = time.perf_counter() - t0
         return update
 

@@ -111,11 +111,20 @@ class TrainerRank:
         stats["_span"] = span
         return dict(stats)
 
-    def engine_state(self, carrier: dict[str, str]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        """The whole weights for the engines (rank 0; None elsewhere), and the span's ids."""
+    def engine_state(self, carrier: dict[str, str]) -> tuple[bytes | None, dict[str, Any]]:
+        """The whole weights for the engines, as one safetensors file's bytes (rank 0; None
+        elsewhere), and the span's ids. Serialised once here: each engine writes the bytes
+        where its vLLM reads them, with no unpickling and re-serialising per engine."""
+        from safetensors.torch import save
+
+        from r1_train.rollout import weight_fingerprint
+
         with remote_span(SPAN_RANK_GATHER, carrier, {RANK: self.rank}) as span:
             state = _on_cpu(self.policy.engine_state())
-        return (state if self.rank == 0 else None), span
+            blob = save(state) if self.rank == 0 else None
+        # what the engines must report after loading it (checked by the driver)
+        span["fingerprint"] = weight_fingerprint(state)
+        return blob, span
 
     def checkpoint(self) -> dict[str, Any] | None:
         """Weights and trainer state, whole (rank 0; None elsewhere)."""
