@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tangram_reward.serve_app import RewardDeploymentConfig, build_app
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 0})
         cfg = RewardDeploymentConfig(name=APP, kind="rules", num_cpus=0.25)

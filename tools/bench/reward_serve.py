@@ -218,7 +218,9 @@ def judge_only(out: Path) -> int:
     from ray import serve
 
     model = model_path("tiny")
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": 0})
     try:
         judge = judge_throughput(serve, model, 128)
@@ -251,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     model = model_path()
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": 0})
     try:
         rules = rule_throughput(serve, 400 if args.quick else 3000)

@@ -50,7 +50,7 @@ def connect(cfg: ClusterConfig) -> bool:
     runtime_env = {"env_vars": forwarded_env()}
     kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": runtime_env}
     if cfg.address == "local":
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **kwargs)
         return True
     try:
         ray.init(address=cfg.address, **kwargs)

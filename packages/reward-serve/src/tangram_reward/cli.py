@@ -141,7 +141,14 @@ def _serve(path: Path, once: bool, token_file: Path | None) -> int:
         )
     sock = bind(top.http_host, top.http_port)  # a taken port fails now, not after Ray starts
     port = sock.getsockname()[1]
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # RAY_ADDRESS joins a cluster on purpose; without it, a Ray of the server's own: a plain
+    # ray.init() would join whatever cluster a `ray start` last recorded in /tmp/ray (another
+    # user's, or a dead one, whose GCS it then waits for)
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or "local",
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     # No Serve HTTP proxy: the gateway below is the only HTTP surface (see its module).
     serve.start(proxy_location="Disabled")
     try:
