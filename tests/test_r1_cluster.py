@@ -217,7 +217,9 @@ def test_cluster_step_equals_the_one_process_step_and_traces_every_node(
         assert b["tool_calls"] == a["tool_calls"] >= 8
         assert b["response_tokens_mean"] == a["response_tokens_mean"]
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-5)
-        assert a["loss"] != 0.0
+        # the update is real: GRPO's loss is about 0 on-policy (advantages sum to 0 in a group),
+        # its gradient is not
+        assert a["grad_norm"] > 0.1
         # the sum of two ranks' partial losses over the global counts: float reordering only
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
