@@ -68,6 +68,8 @@ def test_two_grpo_steps_through_vllm_sandbox_and_rewards(
             "run.prompts_per_step=2",
             "run.progress=false",
             "run.save_every=1",
+            "run.eval_every=2",  # after the last step: pass@k of the trained engine, held out
+            "eval={benchmark: tasks, samples: 2, k: [1, 2]}",
             f"run.out_dir={tmp_path / 'run'}",
         ],
     )
@@ -125,11 +127,36 @@ def test_two_grpo_steps_through_vllm_sandbox_and_rewards(
         "tangram.train.weight_sync",
     ):
         assert kind in names, (kind, sorted(names))
+    last = {s.name for s in spans if s.context.trace_id == steps[1].context.trace_id}
+    assert "tangram.train.eval" in last
+    assert "tangram.train.eval" not in names
+
+    # run.eval_every: the last step's row holds the scores of eval/step-000002, which scored
+    # held-out tasks (task.* drawn with the next seed), each sample re-scored here to agree
+    from r1_train.tasks import tasks_of
+    from tangram_reward.rules.math_reward import math_accuracy
+
+    step_eval = tmp_path / "run" / "eval" / "step-000002"
+    report = json.loads((step_eval / "eval.json").read_text())
+    assert (report["problems"], report["samples_per_problem"]) == (8, 2)
+    samples = [json.loads(x) for x in (step_eval / "samples.jsonl").read_text().splitlines()]
+    held_out = {t.id: t for t in tasks_of(cfg.held_out_task)}
+    assert {s["task_id"] for s in samples} == set(held_out)
+    trained_on = {t.prompt for t in tasks_of(cfg.task)}
+    assert not trained_on & {t.prompt for t in held_out.values()}
+    rescored = [
+        math_accuracy(s["completion"], held_out[s["task_id"]].answer or "") == 1.0 for s in samples
+    ]
+    assert [s["passed"] for s in samples] == rescored
+    assert report["scores"]["accuracy"] == sum(rescored) / len(rescored)
 
     # metrics on disk, a checkpoint that transformers and vLLM can load
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     assert {"reward_mean", "reward/rm", "kl", "clip_fraction", "time/generation"} <= rows[0].keys()
+    assert not any(k.startswith("eval/") for k in rows[0])
+    assert {k: rows[1][f"eval/{k}"] for k in report["scores"]} == report["scores"]
+    assert set(report["scores"]) == {"pass@1", "pass@2", "accuracy"}
     ckpt = tmp_path / "run" / "checkpoint-000002"
     assert (ckpt / "model.safetensors").is_file()
     assert (ckpt / "trainer_state.pt").is_file()

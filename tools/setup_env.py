@@ -121,8 +121,12 @@ class Setup:
             log("Debian packages present: " + ", ".join(DEBIAN_PACKAGES))
             return
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        run(["apt-get", "update", "-qq"], env=env)
-        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+        # two setups at once (two checkouts, or a CI job beside a developer's) would otherwise
+        # fail at once on dpkg's lock; apt waits for the other to finish instead
+        wait = ["-o", "DPkg::Lock::Timeout=600"]
+        run(["apt-get", *wait, "update", "-qq"], env=env)
+        install = ["install", "-y", "-qq", "--no-install-recommends", *missing]
+        run(["apt-get", *wait, *install], env=env)
 
     def base(self) -> None:
         """Install the pinned third-party stack; ``lock-<target>.txt`` pins every version."""

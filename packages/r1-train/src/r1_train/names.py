@@ -50,6 +50,8 @@ FOREIGN_NAMES: dict[str, tuple[str, str, str]] = {
     "seed": ("run.seed", "TRL", ""),
     "output_dir": ("run.out_dir", "TRL", ""),
     "save_steps": ("run.save_every", "TRL", ""),
+    "eval_steps": ("run.eval_every", "TRL", "and an eval section: what to evaluate"),
+    "eval_dataset": ("eval_task.path", "TRL", "a JSONL or Parquet file, or eval_task.kind"),
     "model_name_or_path": ("model.path", "TRL", "a local folder: the machine is offline"),
     "torch_dtype": ("model.dtype", "TRL", ""),
     # verl (ppo_trainer.yaml), by dotted path
@@ -83,6 +85,8 @@ FOREIGN_NAMES: dict[str, tuple[str, str, str]] = {
     "algorithm.norm_adv_by_std_in_grpo": ("grpo.scale", "verl", "true: group; false: none"),
     "trainer.total_training_steps": ("run.steps", "verl", ""),
     "trainer.save_freq": ("run.save_every", "verl", ""),
+    "trainer.test_freq": ("run.eval_every", "verl", "and an eval section: what to evaluate"),
+    "data.val_files": ("eval_task.path", "verl", "one JSONL or Parquet file"),
     "trainer.default_local_dir": ("run.out_dir", "verl", ""),
     "trainer.n_gpus_per_node": (
         "cluster.trainer.ranks",

@@ -33,6 +33,8 @@ def _require(module: str, extra: str, why: str) -> None:
 
 def _needs(cfg: TrainConfig) -> tuple[bool, bool]:
     sandbox = cfg.agent.max_turns > 1 or "code" in cfg.rewards.weights
+    if cfg.run.eval_every and cfg.eval is not None:  # HumanEval and code tasks run programs
+        sandbox = sandbox or cfg.eval.benchmark == "humaneval" or cfg.held_out_task.kind == "code"
     ray = any(r in cfg.rewards.weights for r in (*RULES, "rm"))
     return sandbox, ray
 

@@ -18,19 +18,11 @@ from r1_train.agent_loop import Trajectory
 from r1_train.config import TrainConfig
 from r1_train.grpo import group_advantages, informative_groups, overlong_penalty
 from r1_train.nonfinite import check_rewards
-from r1_train.tasks import CODE_PROBLEMS, Task, arithmetic, countdown, load_tasks
+from r1_train.tasks import Task, tasks_of
 
 
 def build_tasks(cfg: TrainConfig) -> list[Task]:
-    t = cfg.task
-    if t.kind == "arithmetic":
-        return arithmetic(t.size, seed=t.seed, max_operand=t.max_operand)
-    if t.kind == "countdown":
-        return countdown(t.size, seed=t.seed, max_operand=t.max_operand)
-    if t.kind == "code":
-        return list(CODE_PROBLEMS)
-    assert t.path is not None  # the config validator guarantees it
-    return load_tasks(t.path)
+    return tasks_of(cfg.task)
 
 
 def tasks_for_step(tasks: list[Task], cfg: TrainConfig, step: int) -> list[Task]:

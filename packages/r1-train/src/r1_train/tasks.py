@@ -18,9 +18,12 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from r1_train.config import TaskConfig
 
 TaskType = Literal["math", "code", "countdown"]
 
@@ -221,3 +224,15 @@ def check_prompt_lengths(
             f"which must exceed the prompt by at least 2 tokens: {shown}. Raise "
             "rollout.max_total_tokens or shorten or remove these rows"
         )
+
+
+def tasks_of(task: TaskConfig) -> list[Task]:
+    """The tasks a ``task`` section names (training's, ``eval_task``, ``r1-train eval``'s)."""
+    if task.kind == "arithmetic":
+        return arithmetic(task.size, seed=task.seed, max_operand=task.max_operand)
+    if task.kind == "countdown":
+        return countdown(task.size, seed=task.seed, max_operand=task.max_operand)
+    if task.kind == "code":
+        return list(CODE_PROBLEMS)
+    assert task.path is not None  # the config validator guarantees it
+    return load_tasks(task.path)

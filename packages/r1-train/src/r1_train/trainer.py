@@ -33,6 +33,7 @@ from opentelemetry import trace
 from r1_train.agent_loop import Trajectory, rollout
 from r1_train.checkpoint import latest_checkpoint, next_step, restore_trainer_state, save_checkpoint
 from r1_train.config import ModelConfig, TrainConfig
+from r1_train.evaluate import EvalConfig
 from r1_train.metrics import SAMPLES_FILE, MetricsWriter, trim_step_logs
 from r1_train.policy import Policy, make_batch
 from r1_train.prompts import render_prompt
@@ -127,7 +128,50 @@ class Trainer:
         self.version = self.start_step
         self.engine_fingerprint: float | None = None  # what the engine reported after a sync
         self.groups_trained = 0  # over this process's steps; a run that trains none fails
+        self.eval_cfg = self._eval_config()
         self._current: tuple[int, list[Task]] = (self.start_step, [])  # the step under way
+
+    def _eval_config(self) -> EvalConfig | None:
+        """``run.eval_every``'s evaluation, as ``r1-train eval`` would run it on this engine;
+        its prompts are checked against the context now, not after N steps."""
+        cfg = self.cfg
+        if not cfg.run.eval_every or cfg.eval is None:
+            return None
+        from r1_train.evaluate import prompts_of, requests_for
+
+        eval_cfg = EvalConfig(
+            model=cfg.model,
+            rollout=cfg.rollout,
+            task=cfg.held_out_task,
+            eval=cfg.eval,
+            seed=cfg.run.seed,
+        )
+        names, prompts, stop = prompts_of(eval_cfg, self.tokenizer)
+        requests_for(self.tokenizer, prompts, eval_cfg, stop=stop, names=names)
+        return eval_cfg
+
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.run.eval_every
+        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.cfg.run.steps)
+
+    async def evaluate(self, orch: Any, step: int) -> dict[str, float]:
+        """The engine's weights after ``step`` (the update was published to it) scored by
+        ``r1-train eval``'s :func:`~r1_train.evaluate.evaluate`, sandbox programs through the
+        run's own orchestrator. The report goes to ``run.out_dir/eval/step-NNNNNN``."""
+        from r1_train.evaluate import evaluate, write_report
+
+        assert self.eval_cfg is not None  # eval_due is false without it
+        with _tracer.start_as_current_span(
+            sc.SPAN_TRAIN_EVAL,
+            attributes={sc.STEP_ID: step, "tangram.eval.benchmark": self.eval_cfg.eval.benchmark},
+        ) as span:
+            report, scored = await evaluate(
+                self.eval_cfg, engine=self.engine, tokenizer=self.tokenizer, orch=orch
+            )
+            for name, value in report.scores.items():
+                span.set_attribute(f"tangram.eval.{name}", value)
+        write_report(self.run_dir / "eval" / f"step-{step + 1:06d}", report, scored)
+        return {f"eval/{name}": value for name, value in report.scores.items()}
 
     def _make_policy(self, model_cfg: ModelConfig, resume_from: Path | None) -> Any:
         """The trainable side: a :class:`Policy` in this process (the cluster run overrides
@@ -217,8 +261,13 @@ class Trainer:
             if kept:
                 update = await self.update_and_publish(kept, step, clock, self._sync_engine)
                 self.version += 1
+            scores: dict[str, float] = {}
+            if self.eval_due(step):
+                t0 = time.perf_counter()
+                scores = await self.evaluate(orch, step)
+                clock["eval"] = time.perf_counter() - t0
             clock["step"] = time.perf_counter() - t_step
-            row = self.metrics_row(trajs, info, update, clock)
+            row = {**self.metrics_row(trajs, info, update, clock), **scores}
             step_span.set_attribute(
                 sc.REWARD, row["reward_mean"] if row["reward_mean"] is not None else 0.0
             )

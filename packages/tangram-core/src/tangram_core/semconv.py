@@ -54,6 +54,7 @@ SPAN_TRAIN_REWARDS: Final = "tangram.train.rewards"  # all reward actions of a s
 SPAN_TRAIN_REWARD: Final = "tangram.train.reward"  # one trajectory's reward components
 SPAN_TRAIN_UPDATE: Final = "tangram.train.update"
 SPAN_TRAIN_WEIGHT_SYNC: Final = "tangram.train.weight_sync"
+SPAN_TRAIN_EVAL: Final = "tangram.train.eval"  # run.eval_every: pass@k on the rollout engine
 SPAN_DEMO: Final = "tangram.demo"
 SPAN_REWARD_SCORE: Final = "tangram.reward.score"
 SPAN_SANDBOX_RUN: Final = "tangram.sandbox.run"
