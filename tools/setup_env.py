@@ -159,7 +159,7 @@ class Setup:
         vLLM already, and naming the extra would make pip re-resolve it.
         """
         specs = {
-            "tangram-core": "[ray,otlp,report]",
+            "tangram-core": "[ray,otlp,prometheus,report]",
             "sandbox": "[server]",
             "reward-serve": "[serve,models]",
             "hysparse-vllm": "",

@@ -165,3 +165,92 @@ def test_otlp_http_export_reaches_a_collector(otlp_collector):
     assert [s.name for s in spans] == ["unit.of.work"]
     attrs = {kv.key: kv.value.string_value for kv in spans[0].attributes}
     assert attrs == {"tangram.action.kind": "sandbox.exec"}
+
+
+# --- Prometheus: the orchestrator's own metrics, scraped over HTTP ----------------------------
+
+SCRAPE = textwrap.dedent(
+    """
+    import asyncio, urllib.request
+    from tangram_core import configure_telemetry
+    from tangram_core.orchestrator import Orchestrator
+    from tangram_core.process_pool import ProcessPoolManager, function_action
+
+    handle = configure_telemetry("tangram-test")
+    host, port = handle.prometheus_address
+    print("PORT", port)
+
+    async def main():
+        async with Orchestrator([ProcessPoolManager(workers=1)]) as orch:
+            for _ in range(3):
+                result = await orch.submit(function_action("operator:add", 1, 2))
+                assert result.ok, result
+            body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read()
+            print(body.decode())
+
+    asyncio.run(main())
+    handle.shutdown()
+    """
+)
+
+
+def test_prometheus_exporter_serves_the_orchestrator_metrics():
+    out = run_with_env(
+        SCRAPE,
+        OTEL_METRICS_EXPORTER="prometheus",
+        OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+        OTEL_EXPORTER_PROMETHEUS_PORT="0",
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    # three actions completed: the ACT histogram counted them, the gauges are exported
+    counts = [
+        line for line in text.splitlines() if line.startswith("tangram_action_completion_time")
+    ]
+    assert any("_count" in line and line.rstrip().endswith(" 3.0") for line in counts), counts
+    assert "tangram_action_queue_wait" in text
+    # seconds buckets that tell a millisecond sandbox run from a minute-long cold start
+    assert 'tangram_action_completion_time_seconds_bucket{le="0.01"' in text
+    assert "tangram_resource_utilisation" in text or "tangram_resource_utilization" in text
+    assert 'service_name="tangram-test"' in text or "target_info" in text
+
+
+def test_prometheus_port_taken_or_bad_is_named():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_with_env(
+            EMIT,
+            OTEL_METRICS_EXPORTER="prometheus",
+            OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+            OTEL_EXPORTER_PROMETHEUS_PORT=str(port),
+        )
+    assert out.returncode != 0
+    assert f"cannot serve Prometheus metrics on 127.0.0.1:{port}" in out.stderr
+    assert "OTEL_EXPORTER_PROMETHEUS_PORT" in out.stderr
+    bad = run_with_env(EMIT, OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_PORT="x")
+    assert "OTEL_EXPORTER_PROMETHEUS_PORT='x' is not a port number" in bad.stderr
+
+
+def test_prometheus_is_a_metrics_exporter_only():
+    with pytest.raises(TelemetryConfigError, match="prometheus serves metrics only"):
+        select_exporters({"OTEL_TRACES_EXPORTER": "prometheus"}, "traces")
+    assert select_exporters({"OTEL_METRICS_EXPORTER": "prometheus"}, "metrics") == ("prometheus",)
+
+
+def test_worker_processes_leave_prometheus_to_their_driver():
+    """Ray actors and Serve replicas inherit the driver's OTEL_* variables; they must not all
+    try to bind the driver's Prometheus port (the second would fail and take its replica)."""
+    code = textwrap.dedent(
+        """
+        from tangram_core import configure_telemetry
+        handle = configure_telemetry("replica", serve_metrics=False)
+        print("EXPORTERS", handle.metrics_exporters, handle.prometheus_address)
+        """
+    )
+    out = run_with_env(code, OTEL_METRICS_EXPORTER="prometheus,console")
+    assert out.returncode == 0, out.stderr
+    assert "EXPORTERS ('console',) None" in out.stdout

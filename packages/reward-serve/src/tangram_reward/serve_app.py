@@ -70,7 +70,7 @@ RULES_VERSION = f"rules-{__version__}"
 @serve.deployment
 class RuleVerifier:
     def __init__(self, config: RewardDeploymentConfig) -> None:
-        configure_telemetry(service_name=f"tangram-reward-{config.name}")
+        configure_telemetry(service_name=f"tangram-reward-{config.name}", serve_metrics=False)
         self.config = config
         configure_batching(self.score_batch, config)
         self.batch_sizes: list[int] = []
@@ -140,7 +140,7 @@ def checkpoint_version(path: str) -> str:
 @serve.deployment
 class ScalarRewardDeployment:
     def __init__(self, config: RewardDeploymentConfig) -> None:
-        configure_telemetry(service_name=f"tangram-reward-{config.name}")
+        configure_telemetry(service_name=f"tangram-reward-{config.name}", serve_metrics=False)
         self.config = config
         configure_batching(self.score_batch, config)
         self.batch_sizes: list[int] = []
@@ -229,7 +229,7 @@ class JudgeDeployment:
     def __init__(self, config: RewardDeploymentConfig) -> None:
         from tangram_reward.models.judge import Judge
 
-        configure_telemetry(service_name=f"tangram-reward-{config.name}")
+        configure_telemetry(service_name=f"tangram-reward-{config.name}", serve_metrics=False)
         self.config = config
         judge_config = config.judge_config()
         self.judge = Judge(judge_config)

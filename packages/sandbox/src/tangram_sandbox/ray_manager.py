@@ -39,7 +39,7 @@ class SandboxHost:
     def __init__(self, config: dict[str, Any], name: str, resource: str) -> None:
         from tangram_core.telemetry import configure_telemetry
 
-        configure_telemetry(service_name="tangram-sandbox")
+        configure_telemetry(service_name="tangram-sandbox", serve_metrics=False)
         self.manager = SandboxManager(
             PoolConfig.model_validate(config), name=name, resource=resource
         )

@@ -247,12 +247,14 @@ class Orchestrator:
             sc.METRIC_ACTION_COMPLETION_TIME,
             unit="s",
             description="Action completion time: from submission to result.",
+            explicit_bucket_boundaries_advisory=sc.SECONDS_BUCKETS,
         )
         self._wait_hist = meter.create_histogram(
             sc.METRIC_ACTION_QUEUE_WAIT,
             unit="s",
             description="From submission to the start of the action's last run; recorded when "
             "it ends, for every action that started.",
+            explicit_bucket_boundaries_advisory=sc.SECONDS_BUCKETS,
         )
         self._scale_events = meter.create_counter(
             sc.METRIC_SCALE_EVENTS, description="Pool resizes requested, by manager and direction."

@@ -104,6 +104,13 @@ METRIC_POOL_CAPACITY: Final = "tangram.pool.capacity"
 METRIC_QUEUE_LENGTH: Final = "tangram.queue.length"
 METRIC_RESOURCE_UTILISATION: Final = "tangram.resource.utilisation"
 METRIC_SCALE_EVENTS: Final = "tangram.pool.scale_events"
+#: Histogram buckets for action times: a sandbox run takes milliseconds, a reward-model batch
+#: seconds, a cold start minutes. The SDK's default (0, 5, 10, ... 10000) would put them all in
+#: the first bucket.
+SECONDS_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+)  # fmt: skip
 RESOURCE_TYPE: Final = "tangram.resource.type"
 ORCHESTRATOR: Final = "tangram.orchestrator"
 

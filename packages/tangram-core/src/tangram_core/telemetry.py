@@ -7,8 +7,13 @@ so emitting a span costs almost nothing and callers never check whether telemetr
 
 * ``OTEL_SDK_DISABLED=true``: nothing is installed.
 * ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``: a comma list of ``otlp``, ``console``,
-  ``none``. When unset, ``otlp`` is chosen if an OTLP endpoint is set
-  (``OTEL_EXPORTER_OTLP_ENDPOINT`` or the signal-specific one), else ``none``.
+  ``none`` (metrics also ``prometheus``). When unset, ``otlp`` is chosen if an OTLP endpoint is
+  set (``OTEL_EXPORTER_OTLP_ENDPOINT`` or the signal-specific one), else ``none``.
+* ``OTEL_METRICS_EXPORTER=prometheus``: the process serves its metrics (action completion
+  time, queue wait, queue length, utilisation, capacity, scale events) for Prometheus to
+  scrape at ``http://OTEL_EXPORTER_PROMETHEUS_HOST:OTEL_EXPORTER_PROMETHEUS_PORT/metrics``
+  (defaults ``localhost`` and 9464, the specification's; port 0 picks a free one, reported on
+  the handle). Needs the ``tangram-core[prometheus]`` extra.
 * ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``/``..._METRICS_PROTOCOL``):
   ``http/protobuf`` (default) or ``grpc``. Endpoint, headers, timeouts, compression, sampler
   (``OTEL_TRACES_SAMPLER``), batching (``OTEL_BSP_*``) and resource
@@ -31,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 INSTRUMENTATION_NAME = "tangram"
 _KNOWN_EXPORTERS = {"otlp", "console", "none"}
+_METRICS_ONLY = {"prometheus"}  # pull exporters: there is no Prometheus format for spans
+PROMETHEUS_INSTALL = "pip install 'tangram-core[prometheus]'"
 _PROTOCOLS = {"http/protobuf", "grpc"}
 
 
@@ -50,6 +57,8 @@ class TelemetryHandle:
     metrics_exporters: tuple[str, ...] = ()
     tracer_provider: Any = None
     meter_provider: Any = None
+    prometheus_address: tuple[str, int] | None = None  # where /metrics is served, if it is
+    _prometheus_server: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -67,6 +76,10 @@ class TelemetryHandle:
             for provider in (self.tracer_provider, self.meter_provider):
                 if provider is not None:
                     provider.shutdown()
+            if self._prometheus_server is not None:
+                self._prometheus_server.shutdown()
+                self._prometheus_server.server_close()
+                self._prometheus_server = None
 
 
 _state_lock = threading.Lock()
@@ -102,11 +115,15 @@ def select_exporters(env: Mapping[str, str], signal: str) -> tuple[str, ...]:
         )
         return ("otlp",) if has_endpoint else ()
     names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
-    unknown = [n for n in names if n not in _KNOWN_EXPORTERS]
+    known = _KNOWN_EXPORTERS | (_METRICS_ONLY if signal == "metrics" else set())
+    unknown = [n for n in names if n not in known]
     if unknown:
+        why = ""
+        if set(unknown) & _METRICS_ONLY:
+            why = " (prometheus serves metrics only: set it in OTEL_METRICS_EXPORTER)"
         raise TelemetryConfigError(
-            f"{var}={raw!r}: unknown exporter(s) {unknown}; "
-            f"use a comma list of {sorted(_KNOWN_EXPORTERS)}"
+            f"{var}={raw!r}: unknown exporter(s) {unknown}{why}; "
+            f"use a comma list of {sorted(known)}"
         )
     return tuple(n for n in names if n != "none")
 
@@ -165,6 +182,7 @@ def configure_telemetry(
     *,
     resource_attributes: Mapping[str, str | int | float | bool] | None = None,
     env: Mapping[str, str] | None = None,
+    serve_metrics: bool = True,
 ) -> TelemetryHandle:
     """Install tracing and metrics providers chosen by the ``OTEL_*`` variables.
 
@@ -173,7 +191,9 @@ def configure_telemetry(
     and silently building a second, disconnected pipeline would lose spans.
 
     ``service_name`` is a default: ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``
-    win, as the specification asks.
+    win, as the specification asks. ``serve_metrics=False`` is for processes that a framework
+    starts many of on one host (Ray actors, Serve replicas: they inherit the driver's
+    environment): they leave ``prometheus`` out rather than all fight for its port.
     """
     global _handle
     env = os.environ if env is None else env
@@ -187,6 +207,9 @@ def configure_telemetry(
 
         traces = select_exporters(env, "traces")
         metric_names = select_exporters(env, "metrics")
+        if not serve_metrics and "prometheus" in metric_names:
+            metric_names = tuple(n for n in metric_names if n != "prometheus")
+            logger.info("prometheus left out in this worker process: its driver serves metrics")
         handle = TelemetryHandle(traces_exporters=traces, metrics_exporters=metric_names)
         if not traces and not metric_names:
             _handle = handle
@@ -204,7 +227,7 @@ def configure_telemetry(
             handle.tracer_provider = _tracer_provider(env, traces, resource)
             trace.set_tracer_provider(handle.tracer_provider)
         if metric_names:
-            handle.meter_provider = _meter_provider(env, metric_names, resource)
+            handle.meter_provider = _meter_provider(env, metric_names, resource, handle)
             metrics.set_meter_provider(handle.meter_provider)
         logger.info(
             "telemetry on: traces=%s metrics=%s service=%s",
@@ -234,7 +257,44 @@ def _tracer_provider(env: Mapping[str, str], names: tuple[str, ...], resource: A
     return provider
 
 
-def _meter_provider(env: Mapping[str, str], names: tuple[str, ...], resource: Any) -> Any:
+def _prometheus_reader(env: Mapping[str, str], handle: TelemetryHandle) -> Any:
+    """A pull reader and the HTTP server Prometheus scrapes (``/metrics``), started now so that
+    a taken port fails the configuration, naming the variables, instead of a scrape later."""
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+    except ImportError as exc:
+        raise TelemetryConfigError(
+            f"OTEL_METRICS_EXPORTER=prometheus needs {exc.name}: {PROMETHEUS_INSTALL}"
+        ) from exc
+    host = env.get("OTEL_EXPORTER_PROMETHEUS_HOST") or "localhost"
+    raw_port = env.get("OTEL_EXPORTER_PROMETHEUS_PORT") or "9464"
+    try:
+        port = int(raw_port)
+        if not 0 <= port <= 65535:
+            raise ValueError(raw_port)
+    except ValueError:
+        raise TelemetryConfigError(
+            f"OTEL_EXPORTER_PROMETHEUS_PORT={raw_port!r} is not a port number (0-65535)"
+        ) from None
+    reader = PrometheusMetricReader()
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise TelemetryConfigError(
+            f"cannot serve Prometheus metrics on {host}:{port} ({exc.strerror or exc}); set "
+            "OTEL_EXPORTER_PROMETHEUS_PORT to a free port (0 picks one) or "
+            "OTEL_EXPORTER_PROMETHEUS_HOST to an address of this host"
+        ) from exc
+    handle._prometheus_server = server
+    handle.prometheus_address = (host, server.server_address[1])
+    logger.info("Prometheus metrics on http://%s:%d/metrics", host, server.server_address[1])
+    return reader
+
+
+def _meter_provider(
+    env: Mapping[str, str], names: tuple[str, ...], resource: Any, handle: TelemetryHandle
+) -> Any:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import (
         ConsoleMetricExporter,
@@ -243,6 +303,9 @@ def _meter_provider(env: Mapping[str, str], names: tuple[str, ...], resource: An
 
     readers = []
     for name in names:
+        if name == "prometheus":
+            readers.append(_prometheus_reader(env, handle))
+            continue
         if name == "otlp":
             exporter = _otlp_exporter("metrics", select_protocol(env, "metrics"))
         else:
