@@ -127,15 +127,22 @@ def test_run_prints_its_span_with_the_console_exporter(tmp_path, can_sandbox):
     assert quiet.stdout == "42\n"
 
 
-def test_serve_prints_a_span_per_request_with_the_console_exporter(tmp_path, can_sandbox):
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_serve_prints_a_span_per_request_and_serves_prometheus_metrics(tmp_path, can_sandbox):
+    port, metrics_port = _free_port(), _free_port()
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TANGRAM_API_TOKEN")}
     env["OTEL_TRACES_EXPORTER"] = "console"
+    env["OTEL_METRICS_EXPORTER"] = "prometheus"
+    env["OTEL_EXPORTER_PROMETHEUS_HOST"] = "127.0.0.1"
+    env["OTEL_EXPORTER_PROMETHEUS_PORT"] = str(metrics_port)
     argv = ["serve", "--port", str(port), "--workers", "1", "--token-file", str(token_file)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tangram_sandbox.cli", *argv],
@@ -160,6 +167,17 @@ def test_serve_prints_a_span_per_request_with_the_console_exporter(tmp_path, can
             url + "/run", json={"code": "print(1)"}, headers=auth_headers(TOKEN), timeout=30
         )
         assert ok.json()["stdout"] == "1\n"
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        runs = [
+            line
+            for line in scraped.splitlines()
+            if line.startswith("tangram_sandbox_run_duration_seconds_count")
+        ]
+        assert len(runs) == 1, scraped[-3000:]
+        assert 'tangram_sandbox_language="python"' in runs[0]
+        assert 'tangram_sandbox_status="ok"' in runs[0]
+        assert runs[0].endswith(" 1.0")
+        assert "tangram_sandbox_workers{" in scraped
     finally:
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=60)

@@ -27,6 +27,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from tangram_core import semconv
 from tangram_core.telemetry import get_tracer
+from tangram_sandbox import metrics as pool_metrics
 from tangram_sandbox import wire
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.isolation import Capabilities, capabilities
@@ -79,6 +80,7 @@ class SandboxPool:
         self._apply: dict[str, bool] = {}
         self.caps: Capabilities | None = None
         self.replaced = 0  # workers replaced after dying
+        pool_metrics.watch(self)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -327,6 +329,9 @@ class SandboxPool:
             submitted = time.monotonic()
             result = await self._run_one(req, limits, submitted)
             _annotate(span, result.status, result.queue_wait_s, result.wall_s, result.cpu_s)
+            pool_metrics.record(
+                "run", req.language, result.status.value, result.queue_wait_s, result.wall_s
+            )
             return result
 
     async def _run_one(self, req: RunRequest, limits: Limits, submitted: float) -> RunResult:
@@ -390,6 +395,9 @@ class SandboxPool:
                 result = await self._run_tests(req, limits, submitted)
             _annotate(span, result.status, result.queue_wait_s, result.wall_s, None)
             span.set_attribute(semconv.SANDBOX_PASS_FRACTION, result.pass_fraction)
+            pool_metrics.record(
+                "run_tests", req.language, result.status.value, result.queue_wait_s, result.wall_s
+            )
             return result
 
     async def _run_tests_spread(
