@@ -134,7 +134,7 @@ def compare(
         ),
         "isolated": run(
             isolated_per_kind(
-                {"sandbox.exec": {"cpu": cpu / 2}, "sandbox.run_tests": {"cpu": cpu / 2}, **fleets}
+                {"sandbox.run": {"cpu": cpu / 2}, "sandbox.run_tests": {"cpu": cpu / 2}, **fleets}
             ),
             steps,
             "isolated",
@@ -282,7 +282,7 @@ def decisions_per_second(
     Both ways are reported."""
     sched = ElasticScheduler({"cpu": 64.0, "gpu": 8.0})
     kinds = [
-        ("sandbox.exec", (("cpu", 1.0),), 1),
+        ("sandbox.run", (("cpu", 1.0),), 1),
         ("sandbox.run_tests", (("cpu", 1.0),), 8),
         ("reward.rm.math", (("gpu", 1.0),), 4),
         ("judge", (("cpu", 2.0), ("gpu", 1.0)), 1),

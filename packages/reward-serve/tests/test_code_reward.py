@@ -74,13 +74,28 @@ def result(status: ActionStatus, output: Any = None, **kw: Any) -> ActionResult:
     )  # fmt: skip
 
 
+def _verdicts(passed: int, total: int, status: str = "ok") -> dict[str, Any]:
+    """A ``run_tests`` output as the sandbox writes it (``RunTestsResult.model_dump``)."""
+    from tangram_sandbox.models import RunStatus, RunTestsResult, TestVerdict
+
+    verdicts = [TestVerdict(index=i, passed=i < passed, status=RunStatus.OK) for i in range(total)]
+    return RunTestsResult(
+        status=RunStatus(status),
+        passed=passed,
+        total=total,
+        pass_fraction=passed / total,
+        verdicts=verdicts,
+    ).model_dump(mode="json")
+
+
 def test_scoring_fraction_all_and_compile_errors() -> None:
     req = CodeRewardRequest(response="```python\nx\n```", tests=TESTS)
-    half = {"status": "ok", "passed": 1, "total": 2, "pass_fraction": 0.5}
+    half = _verdicts(1, 2)
     assert score_result(req, result(ActionStatus.OK, half)).reward == 0.5
     strict = req.model_copy(update={"scoring": "all"})
     assert score_result(strict, result(ActionStatus.OK, half)).reward == 0.0
-    broken = {"status": "compile_error", "passed": 0, "total": 2, "pass_fraction": 0.0}
+    assert score_result(strict, result(ActionStatus.OK, _verdicts(2, 2))).reward == 1.0
+    broken = _verdicts(0, 2, "compile_error")
     assert score_result(req, result(ActionStatus.OK, broken)).reward == 0.0
 
 
@@ -88,11 +103,17 @@ def test_infrastructure_failures_are_not_zero_rewards() -> None:
     req = CodeRewardRequest(response="```python\nx\n```", tests=TESTS)
     with pytest.raises(CodeRewardUnavailable, match="infra_error"):
         score_result(req, result(ActionStatus.INFRA_ERROR, error="worker died 3 times"))
+    gone = {**_verdicts(0, 2, "sandbox_error"), "error": "zygote gone"}
     with pytest.raises(CodeRewardUnavailable, match="zygote gone"):
-        score_result(
-            req, result(ActionStatus.OK, {"status": "sandbox_error", "error": "zygote gone"})
-        )
+        score_result(req, result(ActionStatus.OK, gone))
     with pytest.raises(ValueError, match="refused"):
         score_result(
             req, result(ActionStatus.ERROR, error="tests: bad", error_type="InvalidPayload")
         )
+
+
+def test_tests_the_sandbox_cannot_read_are_refused_when_the_action_is_built() -> None:
+    """The sandbox's own request model checks the tests before anything is queued."""
+    req = CodeRewardRequest(response="```python\nx\n```", tests=[{"stdn": "1"}])
+    with pytest.raises(ValueError, match="the sandbox refused the request: tests"):
+        code_action(req)

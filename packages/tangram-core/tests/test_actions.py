@@ -12,7 +12,7 @@ from tangram_core.scheduler import ActionSpec
 
 
 def test_action_defaults_and_unique_ids():
-    a, b = Action(kind="sandbox.exec"), Action(kind="sandbox.exec")
+    a, b = Action(kind="sandbox.run"), Action(kind="sandbox.run")
     assert a.id != b.id
     assert a.demand == {"cpu": 1.0}
     assert a.elasticity.rigid

@@ -56,7 +56,7 @@ def test_simulate_then_report_with_plots(tmp_path, trace_file):
 
     rep = cli("report", str(run), "--out", str(tmp_path / "plots"))
     assert rep.returncode == 0, rep.stderr
-    for kind in ("sandbox.exec", "sandbox.run_tests", "all"):
+    for kind in ("sandbox.run", "sandbox.run_tests", "all"):
         assert kind in rep.stdout
     for name in ("act_cdf.png", "utilisation.png"):
         data = (tmp_path / "plots" / name).read_bytes()

@@ -48,7 +48,7 @@ def test_is_a_resource_manager_with_capacity_in_cpu_units():
     assert pool.resources() == {"cpu": 2.0}
     assert pool.limits() == {"cpu": 4.0}
     assert pool.handles("process.call")
-    assert not pool.handles("sandbox.exec")
+    assert not pool.handles("sandbox.run")
     assert pool.supports_resize is False
     asyncio.run(pool.shutdown())  # never opened: nothing to stop
 

@@ -36,7 +36,7 @@ def act(
     traj: str | None = None,
     max_units: int = 1,
     p: float = 1.0,
-    kind: str = "sandbox.exec",
+    kind: str = "sandbox.run",
     demand: tuple = (("cpu", 1.0),),
 ) -> SimAction:
     factors = tuple((1 - p) + p / u for u in range(1, max_units + 1))
@@ -140,7 +140,7 @@ def test_workload_is_reproducible_and_tangram_beats_static():
 def test_trace_round_trip_and_bad_lines(tmp_path):
     path = tmp_path / "trace.jsonl"
     records = [
-        TraceRecord(id="a", kind="sandbox.exec", arrival_s=0.5, duration_s=1.0),
+        TraceRecord(id="a", kind="sandbox.run", arrival_s=0.5, duration_s=1.0),
         TraceRecord(
             id="b", kind="reward.rm", arrival_s=0.1, duration_s=2.0, demand={"gpu": 1}, max_units=2
         ),

@@ -120,7 +120,7 @@ def test_multi_turn_trajectory_leaves_the_engine_during_its_tool_call():
     assert r.update_end_s == pytest.approx((1.2 + 0.4 + 1.2 + 0.5 + 2.0,), rel=1e-12)
     assert r.engine_idle == pytest.approx(1 - 2.4 / 5.3)
     assert r.act["sandbox"]["mean"] == pytest.approx(0.4)
-    assert r.actions.kinds == ["sandbox.exec", "reward.rule"]
+    assert r.actions.kinds == ["sandbox.run", "reward.rule"]
 
 
 def test_async_pipeline_is_trainer_bound_exactly():

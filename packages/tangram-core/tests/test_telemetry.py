@@ -20,7 +20,7 @@ EMIT = textwrap.dedent(
     handle = configure_telemetry("tangram-test")
     assert configure_telemetry("other") is handle, "configure_telemetry must be set-once"
     with get_tracer().start_as_current_span("unit.of.work") as span:
-        span.set_attribute("tangram.action.kind", "sandbox.exec")
+        span.set_attribute("tangram.action.kind", "sandbox.run")
         print("RECORDING", span.is_recording())
     handle.force_flush()
     print("EXPORTERS", ",".join(handle.traces_exporters) or "-")
@@ -92,7 +92,7 @@ def test_console_exporter_prints_span_with_service_name():
     assert out.returncode == 0, out.stderr
     assert "RECORDING True" in out.stdout
     assert '"name": "unit.of.work"' in out.stdout
-    assert '"tangram.action.kind": "sandbox.exec"' in out.stdout
+    assert '"tangram.action.kind": "sandbox.run"' in out.stdout
     assert '"service.name": "svc-from-env"' in out.stdout  # OTEL_SERVICE_NAME beats the default
 
 
@@ -164,7 +164,7 @@ def test_otlp_http_export_reaches_a_collector(otlp_collector):
     spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert [s.name for s in spans] == ["unit.of.work"]
     attrs = {kv.key: kv.value.string_value for kv in spans[0].attributes}
-    assert attrs == {"tangram.action.kind": "sandbox.exec"}
+    assert attrs == {"tangram.action.kind": "sandbox.run"}
 
 
 # --- Prometheus: the orchestrator's own metrics, scraped over HTTP ----------------------------

@@ -26,13 +26,9 @@ from r1_train.config import AgentConfig, RolloutConfig
 from r1_train.rollout import Generation, GenRequest, RolloutEngine
 from r1_train.tasks import Task
 from tangram_core import semconv as sc
-from tangram_core.actions import Action, ActionResult, ActionStatus
+from tangram_core.actions import Action, ActionResult, ActionStatus, Submitter
 
 _tracer = trace.get_tracer("r1_train")
-
-
-class Submitter(Protocol):
-    async def submit(self, action: Action) -> ActionResult: ...
 
 
 class NoServices:
@@ -126,10 +122,12 @@ def find_tool_call(text: str, agent: AgentConfig) -> str | None:
 
 def observation(result: ActionResult, agent: AgentConfig) -> str:
     """What the model reads back: stdout (and the error, if it failed), clipped."""
-    out: dict[str, Any] = result.output if isinstance(result.output, dict) else {}
-    text = str(out.get("stdout", ""))
-    if out.get("status") not in (None, "ok") or out.get("stderr"):
-        tail = str(out.get("stderr", "")).strip().splitlines()[-1:] or [str(out.get("status"))]
+    from tangram_sandbox.models import RunResult, RunStatus
+
+    run = RunResult.from_action(result)
+    text = run.stdout if run is not None else ""
+    if run is not None and (run.status is not RunStatus.OK or run.stderr):
+        tail = run.stderr.strip().splitlines()[-1:] or [run.status.value]
         text += f"\n{tail[0]}"
     if result.status is ActionStatus.ERROR:
         text += f"\nerror: {result.error}"
@@ -156,16 +154,15 @@ def _seed(base: int, step: int, index: int, turn: int) -> int:
 async def _run_tool(
     orch: Submitter, traj: Trajectory, code: str, agent: AgentConfig, step: int
 ) -> ActionResult:
-    action = Action(
-        kind="sandbox.run",
+    from tangram_sandbox.actions import run_action
+    from tangram_sandbox.models import Limits, RunRequest
+
+    limits = Limits(wall_s=agent.tool_wall_s, memory_mb=agent.tool_memory_mb)
+    action = run_action(
+        RunRequest(code=code, language="python", limits=limits),
         trajectory_id=traj.id,
         step_id=step,
         priority=step_priority(step),
-        payload={
-            "code": code,
-            "language": "python",
-            "limits": {"wall_s": agent.tool_wall_s, "memory_mb": agent.tool_memory_mb},
-        },
     )
     with _tracer.start_as_current_span(
         sc.gen_ai_span_name(sc.OP_EXECUTE_TOOL, "python"),

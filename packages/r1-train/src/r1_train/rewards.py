@@ -23,10 +23,10 @@ from typing import Any
 
 from opentelemetry import trace
 
-from r1_train.agent_loop import Submitter, Trajectory, step_priority
+from r1_train.agent_loop import Trajectory, step_priority
 from r1_train.config import RewardsConfig
 from tangram_core import semconv as sc
-from tangram_core.actions import Action, ActionResult, ActionStatus
+from tangram_core.actions import Action, ActionResult, ActionStatus, Submitter
 
 _tracer = trace.get_tracer("r1_train")
 RULES = ("math", "format", "countdown")

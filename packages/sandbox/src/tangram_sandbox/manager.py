@@ -19,30 +19,21 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from pydantic import ValidationError
-
 from tangram_core.actions import Action
-from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
+from tangram_core.resource_manager import ResourceManager, WorkerLost
+from tangram_sandbox.actions import KIND_RUN, KIND_RUN_TESTS, KINDS, request_of
 from tangram_sandbox.config import PoolConfig
-from tangram_sandbox.models import (
-    RunRequest,
-    RunResult,
-    RunStatus,
-    RunTestsRequest,
-    RunTestsResult,
-)
+from tangram_sandbox.models import RunResult, RunStatus, RunTestsRequest, RunTestsResult
 from tangram_sandbox.pool import SandboxPool
 
 __all__ = ["KIND_RUN", "KIND_RUN_TESTS", "SandboxManager"]
 
-KIND_RUN = "sandbox.run"
-KIND_RUN_TESTS = "sandbox.run_tests"
 
 
 class SandboxManager(ResourceManager):
     """Runs ``sandbox.*`` actions on a :class:`SandboxPool`; capacity = warm workers."""
 
-    kinds = frozenset({KIND_RUN, KIND_RUN_TESTS})
+    kinds = KINDS
     warmup_s = 0.1  # a zygote start: interpreter, preloads, namespaces
     unit_cost = 1.0
 
@@ -73,20 +64,7 @@ class SandboxManager(ResourceManager):
         await self.pool.start()
 
     async def start(self, action: Action, units: int) -> Any:
-        try:
-            if action.kind == KIND_RUN_TESTS:
-                request: RunRequest | RunTestsRequest = RunTestsRequest.model_validate(
-                    action.payload
-                )
-            else:
-                request = RunRequest.model_validate(action.payload)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-            )
-            raise ActionError(
-                "InvalidPayload", f"action {action.id!r} ({action.kind}): {problems}"
-            ) from None
+        request = request_of(action)  # InvalidPayload names every bad field
         # A run_tests action started on several units spreads its tests over that many workers:
         # the scheduler counted them as taken, so they are idle for it.
         call: Coroutine[Any, Any, RunResult | RunTestsResult] = (

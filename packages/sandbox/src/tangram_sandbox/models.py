@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tangram_core.actions import ActionResult, ActionStatus
+
 __all__ = [
     "CallTest",
     "Language",
@@ -254,6 +256,15 @@ class RunResult(BaseModel):
     error: str | None = Field(None, description="Why, for compile and sandbox errors.")
     queue_wait_s: float = 0.0
 
+    @classmethod
+    def from_action(cls, result: ActionResult) -> RunResult | None:
+        """The run a ``sandbox.run`` action's result carries; ``None`` when the action ended
+        without one (it never reached a worker, or the worker was lost past its retries:
+        ``result.status`` and ``result.error`` say why)."""
+        if result.status is not ActionStatus.OK or not isinstance(result.output, dict):
+            return None
+        return cls.model_validate(result.output)
+
 
 class TestVerdict(BaseModel):
     """One test case's verdict."""
@@ -281,6 +292,15 @@ class RunTestsResult(BaseModel):
     error: str | None = None
     wall_s: float = 0.0
     queue_wait_s: float = 0.0
+
+    @classmethod
+    def from_action(cls, result: ActionResult) -> RunTestsResult | None:
+        """The verdicts a ``sandbox.run_tests`` action's result carries; ``None`` as for
+        :meth:`RunResult.from_action`."""
+        if result.status is not ActionStatus.OK or not isinstance(result.output, dict):
+            return None
+        return cls.model_validate(result.output)
+
 
 
 def outputs_match(actual: str, expected: str) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 from opentelemetry.trace import Status, StatusCode
 
 from tangram_core import semconv
+from tangram_core.actions import QueueFull  # the orchestrator's too: one name to catch
 from tangram_core.telemetry import get_tracer
 from tangram_sandbox import metrics as pool_metrics
 from tangram_sandbox import wire
@@ -54,10 +55,6 @@ _MAX_START_FAILURES = 3
 
 class SandboxUnavailable(RuntimeError):
     """The pool cannot run anything: isolation refused (strict mode), or workers fail to start."""
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than ``max_queue`` allows; nothing was queued."""
 
 
 class SandboxPool:

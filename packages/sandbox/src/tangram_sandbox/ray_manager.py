@@ -9,7 +9,7 @@ answer (the orchestrator asks on every submission, and may not block on a remote
 
 Failure contract, as the local manager's: a ``sandbox_error`` result or the host's death (its
 node lost, the actor killed) raises :class:`~tangram_core.resource_manager.WorkerLost`, which
-the orchestrator retries; a bad payload raises ``ActionError("InvalidPayload", ...)``; the
+the orchestrator retries; a bad payload comes back as tangram-core's ``InvalidPayload``; the
 program's own failures are results.
 
 Ray is imported here only (``pip install 'tangram-sandbox[ray]'`` or any Ray install).
@@ -23,10 +23,11 @@ from typing import Any
 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from tangram_core.actions import Action
+from tangram_core.actions import Action, InvalidPayload
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
+from tangram_sandbox.actions import KINDS
 from tangram_sandbox.config import PoolConfig
-from tangram_sandbox.manager import KIND_RUN, KIND_RUN_TESTS, SandboxManager
+from tangram_sandbox.manager import SandboxManager
 
 __all__ = ["RaySandboxManager", "SandboxHost"]
 
@@ -74,6 +75,8 @@ class SandboxHost:
             return "lost", str(exc), self.state()
         except ActionError as exc:
             return "error", (exc.error_type, exc.message), self.state()
+        except InvalidPayload as exc:
+            return "error", (type(exc).__name__, str(exc)), self.state()
         finally:
             context.detach(token)
         return "ok", out, self.state()
@@ -93,7 +96,7 @@ class RaySandboxManager(ResourceManager):
     """Runs ``sandbox.*`` actions on a pool in a Ray actor; ``actor_options`` place it
     (``num_cpus``, ``resources``, a ``scheduling_strategy``)."""
 
-    kinds = frozenset({KIND_RUN, KIND_RUN_TESTS})
+    kinds = KINDS
     warmup_s = SandboxManager.warmup_s
     unit_cost = SandboxManager.unit_cost
 

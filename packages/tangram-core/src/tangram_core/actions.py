@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,7 +33,7 @@ class Action(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(default_factory=new_action_id, min_length=1)
-    kind: str = Field(min_length=1, description="What to do, e.g. 'sandbox.exec', 'reward.rm'.")
+    kind: str = Field(min_length=1, description="What to do, e.g. 'sandbox.run', 'reward.rm'.")
     trajectory_id: str | None = Field(None, description="The rollout this action belongs to.")
     step_id: int | None = Field(None, ge=0, description="The RL step that issued it.")
     priority: int = Field(0, description="Higher runs first; ties go to the scheduler's policy.")
@@ -126,3 +126,26 @@ class ActionResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status is ActionStatus.OK
+
+    @property
+    def invalid_payload(self) -> bool:
+        """The manager refused the payload (:class:`InvalidPayload`): the caller's fault, not
+        the resource's, so retrying or counting it as a failed sample would both be wrong."""
+        return self.status is ActionStatus.ERROR and self.error_type == InvalidPayload.__name__
+
+
+class Submitter(Protocol):
+    """What builds and awaits actions needs of an orchestrator (or of anything that forwards to
+    one, such as a Ray actor handle's wrapper): ``submit`` always returns a result."""
+
+    async def submit(self, action: Action) -> ActionResult: ...
+
+
+class InvalidPayload(ValueError):
+    """A manager cannot run this action's payload (a missing field, a function it may not run,
+    arguments that cannot be sent). Raised by managers; the result says ``error_type``
+    ``InvalidPayload`` and status ``error``, and :attr:`ActionResult.invalid_payload` reads it."""
+
+
+class QueueFull(Exception):
+    """More actions (or requests) are waiting than the queue's bound allows; nothing was queued."""

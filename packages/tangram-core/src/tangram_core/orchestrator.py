@@ -30,7 +30,7 @@ scheduler stays pure; this module holds the clock (``time.monotonic``) and the I
   result that comes too late is not worth the units it would hold.
 * Telemetry: one span per action, named ``tangram.action`` (``semconv.SPAN_ACTION``) for every
   kind, a child of the submitter's current span, from submission to result. We do not use the
-  GenAI ``execute_tool {tool}`` name: an action kind is not a tool name (one ``sandbox.exec``
+  GenAI ``execute_tool {tool}`` name: an action kind is not a tool name (one ``sandbox.run``
   serves many tools), and the agent loop that knows the tool and its call id owns that span;
   the action span is its child. Each start and retry is an event on the span; the manager's
   own spans (if any) are children of it.
@@ -57,7 +57,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 
 from tangram_core import semconv as sc
-from tangram_core.actions import Action, ActionResult, ActionStatus
+from tangram_core.actions import Action, ActionResult, ActionStatus, QueueFull
 from tangram_core.elastic_scheduler import ElasticConfig, ElasticScheduler
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
 from tangram_core.scheduler import ActionSpec, CapacityError, Scheduler
@@ -100,10 +100,6 @@ class OrchestratorConfig(BaseModel):
         description="Longest one run may take, from its start on a manager; past it the run is "
         "cancelled and the action ends TIMEOUT (not retried). None: no limit.",
     )
-
-
-class QueueFull(Exception):
-    """``submit_nowait`` found ``max_queue`` actions already waiting."""
 
 
 class DeadlineExceeded(TimeoutError):

@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tangram_core.actions import Action
+from tangram_core.actions import Action, InvalidPayload
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
 
 __all__ = [
@@ -140,10 +140,6 @@ class FunctionCall(BaseModel):
     )
     args: list[Any] = Field(default_factory=list, description="Positional arguments.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
-
-
-class InvalidPayload(ValueError):
-    """An action's payload does not name a function this pool may run, or cannot be sent."""
 
 
 def parse_function_call(

@@ -162,7 +162,7 @@ def imported_modules() -> Callable[[str], set[str]]:
 def make_spec(
     id: str,
     *,
-    kind: str = "sandbox.exec",
+    kind: str = "sandbox.run",
     demand: dict[str, float] | None = None,
     est: float = 1.0,
     min_units: int = 1,

@@ -3,9 +3,11 @@ action scheduled by tangram-core.
 
 Why through tangram-core and not a direct sandbox call: the sandbox is a shared, elastic pool,
 and a reward is just another action on it. The orchestrator queues it with the rollouts' tool
-calls, retries it when a worker dies, and traces it. This module only builds the action and
-reads its result, so reward-serve needs no dependency on the sandbox package. Anything that
-can ``await submit(action)`` works: a local ``Orchestrator``, a ``RemoteOrchestrator`` handle.
+calls, retries it when a worker dies, and traces it. This module builds the action and reads
+its result through the sandbox's own contract (:mod:`tangram_sandbox.actions`, pydantic and
+tangram-core only), imported when a code reward is first built: reward-serve installs without
+the sandbox, and a code reward needs one anyway. Anything that can ``await submit(action)``
+works: a local ``Orchestrator``, a ``RemoteOrchestrator`` handle.
 
 An infrastructure failure is not a zero. When the sandbox cannot judge (the worker died past
 its retries, or the request was rejected), :class:`CodeRewardUnavailable` is raised. The
@@ -17,12 +19,14 @@ policy's doing.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tangram_core.actions import Action, ActionResult, ActionStatus
-from tangram_core.elasticity import Amdahl, Elasticity
+from tangram_core.actions import Action, ActionResult, Submitter
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 __all__ = [
     "CodeRewardRequest",
@@ -62,8 +66,21 @@ _ALIASES: dict[str, Language] = {
 }
 
 
-class ActionSubmitter(Protocol):
-    async def submit(self, action: Action) -> ActionResult: ...
+#: The name this module used before tangram-core's :class:`Submitter`; kept for callers.
+ActionSubmitter = Submitter
+
+
+def _sandbox() -> ModuleType:
+    """:mod:`tangram_sandbox.actions`, or an error that says what to install."""
+    try:
+        from tangram_sandbox import actions
+    except ImportError as exc:
+        raise ImportError(
+            "the code reward runs programs in the sandbox and builds its actions with the "
+            f"sandbox's contract, which is not installed ({exc}): pip install packages/sandbox "
+            "(or tangram-sandbox)"
+        ) from exc
+    return actions
 
 
 class CodeRewardUnavailable(RuntimeError):
@@ -128,50 +145,56 @@ def code_action(
     code = extract_code(req.response, req.language)
     if code is None:
         return None
-    payload: dict[str, Any] = {"code": code, "language": req.language, "tests": req.tests}
+    contract = _sandbox()
+    from tangram_sandbox.models import RunTestsRequest
+
+    fields: dict[str, Any] = {"code": code, "language": req.language, "tests": req.tests}
     if req.limits is not None:
-        payload["limits"] = req.limits
-    return Action(
-        kind="sandbox.run_tests",
-        demand={"cpu": 1},
-        elasticity=Elasticity(
-            max_units=max(1, min(max_units, len(req.tests))),
-            speedup=Amdahl(parallel_fraction=0.9),
-        ),
+        fields["limits"] = req.limits
+    try:
+        request = RunTestsRequest.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"code reward: the sandbox refused the request: {problems}") from None
+    action: Action = contract.run_tests_action(
+        request,
+        max_units=max_units,
         trajectory_id=trajectory_id,
         step_id=step_id,
         priority=priority,
-        payload=payload,
     )
+    return action
 
 
 def score_result(req: CodeRewardRequest, result: ActionResult) -> CodeScore:
     """Turn the action's result into a reward; raises :class:`CodeRewardUnavailable` for
     failures of the infrastructure."""
-    if result.status is not ActionStatus.OK:
-        if result.status is ActionStatus.ERROR and result.error_type == "InvalidPayload":
+    from tangram_sandbox.models import RunStatus, RunTestsResult
+
+    run = RunTestsResult.from_action(result)
+    if run is None:
+        if result.invalid_payload:
             raise ValueError(f"code reward: the sandbox refused the request: {result.error}")
         raise CodeRewardUnavailable(
             f"code reward: sandbox action {result.status.value}: {result.error}"
         )
-    out = result.output
-    status = str(out.get("status"))
-    if status == "sandbox_error":
-        raise CodeRewardUnavailable(f"code reward: {out.get('error')}")
-    total = int(out.get("total", len(req.tests)))
-    passed = int(out.get("passed", 0))
-    fraction = float(out.get("pass_fraction", 0.0)) if status == "ok" else 0.0
-    if req.scoring == "all":
-        reward = 1.0 if status == "ok" and passed == total else 0.0
-    else:
-        reward = fraction
+    if run.status is RunStatus.SANDBOX_ERROR:
+        raise CodeRewardUnavailable(f"code reward: {run.error}")
+    ok = run.status is RunStatus.OK
+    fraction = run.pass_fraction if ok else 0.0
+    all_passed = float(ok and run.passed == run.total)
+    reward = all_passed if req.scoring == "all" else fraction
     return CodeScore(
-        reward=reward, pass_fraction=fraction, status=status, passed=passed, total=total
+        reward=reward,
+        pass_fraction=fraction,
+        status=run.status.value,
+        passed=run.passed,
+        total=run.total,
     )
 
 
 async def code_reward(
-    submitter: ActionSubmitter,
+    submitter: Submitter,
     req: CodeRewardRequest,
     *,
     trajectory_id: str | None = None,

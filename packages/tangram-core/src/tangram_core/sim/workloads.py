@@ -106,7 +106,7 @@ def tool_action(
     tests = rng.random() < w.tests_fraction
     spec = ActionSpec(
         id=action_id,
-        kind="sandbox.run_tests" if tests else "sandbox.exec",
+        kind="sandbox.run_tests" if tests else "sandbox.run",
         demand=(("cpu", 1.0),),
         max_units=w.tests_max_cores if tests else 1,
         factors=_factors(1, w.tests_max_cores, w.tests_parallel_fraction) if tests else (1.0,),
@@ -284,7 +284,7 @@ def poisson_actions(
                 factors=tests_factors,
             )
         else:
-            spec = ActionSpec(f"c{i}", "sandbox.exec", cpu)
+            spec = ActionSpec(f"c{i}", "sandbox.run", cpu)
         out.append((t, SimAction(spec, dur)))
     return out
 
