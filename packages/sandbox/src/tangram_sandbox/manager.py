@@ -29,7 +29,6 @@ from tangram_sandbox.pool import SandboxPool
 __all__ = ["KIND_RUN", "KIND_RUN_TESTS", "SandboxManager"]
 
 
-
 class SandboxManager(ResourceManager):
     """Runs ``sandbox.*`` actions on a :class:`SandboxPool`; capacity = warm workers."""
 
@@ -43,6 +42,9 @@ class SandboxManager(ResourceManager):
         self.name = name
         self.resource = resource
         self.pool = SandboxPool(config or PoolConfig())
+        # the runs under way, so that cancel() can stop one: the orchestrator also cancels the
+        # task awaiting start(), but a caller across a process (the Ray host of
+        # RaySandboxManager) has only the action id, so this path is the contract's
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._opened = False
 

@@ -302,7 +302,6 @@ class RunTestsResult(BaseModel):
         return cls.model_validate(result.output)
 
 
-
 def outputs_match(actual: str, expected: str) -> bool:
     """Judge-style comparison: equal line by line, ignoring trailing whitespace and blank
     trailing lines (what Codeforces-style checkers and SandboxFusion accept)."""

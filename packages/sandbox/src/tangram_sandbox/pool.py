@@ -4,20 +4,25 @@ Why one request per worker at a time: a worker is one CPU slot under one uid, wh
 unit tangram-core schedules (one ``cpu`` per unit of demand). The pool itself runs no user
 code; it validates requests, hands them to workers, judges test outputs (expected outputs
 never enter a sandbox) and turns every infrastructure failure into ``sandbox_error``.
+
+Three modules, one job each: this one owns the workers (start, watch, replace, scale) and
+dispatches requests to them through its bounded queue; :mod:`.conversation` is the protocol a
+request speaks with the worker it got; :mod:`.verdicts` turns the worker's reports into results.
+
+Who queues: the pool's queue (``max_queue``) serves its direct callers (the HTTP server,
+``tangram-sandbox run``, ``pool.run``). Under tangram-core the orchestrator queues: it starts an
+action only on a unit it counts as free, and units are warm workers, so its actions find a
+worker at once and the pool's queue stays empty.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
-import hashlib
 import itertools
-import json
 import logging
 import os
-import signal
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -31,10 +36,9 @@ from tangram_core.telemetry import get_tracer
 from tangram_sandbox import metrics as pool_metrics
 from tangram_sandbox import wire
 from tangram_sandbox.config import PoolConfig
+from tangram_sandbox.conversation import Conversation
 from tangram_sandbox.isolation import Capabilities, capabilities
-from tangram_sandbox.languages import language_spec, out_of_memory
 from tangram_sandbox.models import (
-    CallTest,
     Limits,
     RunRequest,
     RunResult,
@@ -42,9 +46,8 @@ from tangram_sandbox.models import (
     RunTestsRequest,
     RunTestsResult,
     TestVerdict,
-    outputs_match,
-    values_match,
 )
+from tangram_sandbox.verdicts import judge, merge_shares, not_compiled, tests_result, to_result
 from tangram_sandbox.worker import SlotLeases, WorkerDied, ZygoteWorker
 
 __all__ = ["QueueFull", "SandboxPool", "SandboxUnavailable"]
@@ -77,6 +80,7 @@ class SandboxPool:
         self._apply: dict[str, bool] = {}
         self.caps: Capabilities | None = None
         self.replaced = 0  # workers replaced after dying
+        self._talk = Conversation(self.config)
         pool_metrics.watch(self)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -336,17 +340,17 @@ class SandboxPool:
             wait = time.monotonic() - submitted
             try:
                 # One write for the whole conversation: no round trip between its steps.
-                job = self._job_frames(req, limits, stdin=req.stdin)
-                fetch = {"op": "fetch", "names": req.fetch_files, "limit": self._fetch_limit}
-                await worker.send(self._compile_frames(req) + job + wire.encode_json(fetch))
-                step = await self._compile_step(worker, req)
-                raw = await self._read_job(worker, limits)
-                files = await self._read_fetch(worker)
+                job = self._talk.job_frames(req, limits, stdin=req.stdin)
+                fetch = {"op": "fetch", "names": req.fetch_files, "limit": self._talk.fetch_limit}
+                await worker.send(self._talk.compile_frames(req) + job + wire.encode_json(fetch))
+                step = await self._talk.compile_step(worker, req)
+                raw = await self._talk.read_job(worker, limits)
+                files = await self._talk.read_fetch(worker)
             except WorkerDied as exc:
                 return RunResult(status=RunStatus.SANDBOX_ERROR, error=str(exc), queue_wait_s=wait)
             if step is not None and not step.compiled:
                 return step.model_copy(update={"queue_wait_s": wait})
-            result = _to_result(raw, limits)
+            result = to_result(raw, limits)
             fetched, problems, truncated = {}, [], []
             for name, item in files.items():
                 if "content_b64" in item:
@@ -420,32 +424,7 @@ class SandboxPool:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        wall = max(p.wall_s for p in parts)
-        wait = max(p.queue_wait_s for p in parts)
-        for part in parts:
-            if part.status is not RunStatus.OK:  # sandbox or compile failure: no result holds
-                return part.model_copy(
-                    update={"total": total, "passed": 0, "pass_fraction": 0.0, "verdicts": []}
-                )
-        verdicts = [
-            v.model_copy(update={"index": v.index + lo})
-            for part, lo in zip(parts, bounds, strict=False)
-            for v in part.verdicts
-        ]
-        if req.stop_on_first_failure:
-            first_bad = next((i for i, v in enumerate(verdicts) if not v.passed), None)
-            if first_bad is not None:
-                del verdicts[first_bad + 1 :]
-        passed = sum(v.passed for v in verdicts)
-        return RunTestsResult(
-            status=RunStatus.OK,
-            passed=passed,
-            total=total,
-            pass_fraction=passed / total,
-            verdicts=verdicts,
-            queue_wait_s=wait,
-            wall_s=wall,
-        )
+        return merge_shares(parts, bounds, stop_on_first_failure=req.stop_on_first_failure)
 
     async def _run_tests(
         self, req: RunTestsRequest, limits: Limits, submitted: float
@@ -457,30 +436,30 @@ class SandboxPool:
             started = time.monotonic()
             try:
                 if req.isolation == "batch":
-                    compiled = await self._batch_tests(worker, req, limits, verdicts)
+                    compiled = await self._talk.batch_tests(worker, req, limits, verdicts)
                     if compiled is not None:
-                        return _not_compiled(compiled, total, wait)
+                        return not_compiled(compiled, total, wait)
                     if req.stop_on_first_failure:
                         first_bad = next((v.index for v in verdicts if not v.passed), None)
                         if first_bad is not None:
                             del verdicts[first_bad + 1 :]
-                    return self._tests_result(verdicts, total, wait, started)
-                jobs = [self._test_frames(req, limits, t) for t in req.tests]
+                    return tests_result(verdicts, total, wait, started)
+                jobs = [self._talk.test_frames(req, limits, t) for t in req.tests]
                 pipelined = not req.stop_on_first_failure
                 end = wire.encode_json({"op": "fetch", "names": []})
                 # Without early stop every test runs: send them all, then read the verdicts.
-                head = self._compile_frames(req)
+                head = self._talk.compile_frames(req)
                 await worker.send(head + b"".join(jobs) + end if pipelined else head)
-                compiled = await self._compiled(worker, req)
+                compiled = await self._talk.compiled(worker, req)
                 for index, test in enumerate(req.tests):
                     if not pipelined:
                         if compiled is not None:
                             break
                         await worker.send(jobs[index])
-                    raw = await self._read_job(worker, limits)
+                    raw = await self._talk.read_job(worker, limits)
                     if compiled is not None:
                         continue  # skipped by the worker; read to keep the stream in step
-                    verdict = _judge(index, test, raw, limits, req.rel_tol)
+                    verdict = judge(index, test, raw, limits, req.rel_tol)
                     verdicts.append(verdict)
                     if verdict.status is RunStatus.SANDBOX_ERROR:
                         raise WorkerDied(verdict.message or "sandbox error")
@@ -488,9 +467,9 @@ class SandboxPool:
                         break
                 if not pipelined:
                     await worker.send(end)
-                await self._read_fetch(worker)
+                await self._talk.read_fetch(worker)
                 if compiled is not None:
-                    return _not_compiled(compiled, total, wait)
+                    return not_compiled(compiled, total, wait)
             except WorkerDied as exc:
                 return RunTestsResult(
                     status=RunStatus.SANDBOX_ERROR,
@@ -502,296 +481,7 @@ class SandboxPool:
                     queue_wait_s=wait,
                     wall_s=time.monotonic() - started,
                 )
-        return self._tests_result(verdicts, total, wait, started)
-
-    # --- one request's conversation with a worker ----------------------------------------------
-
-    @staticmethod
-    def _tests_result(
-        verdicts: list[TestVerdict], total: int, wait: float, started: float
-    ) -> RunTestsResult:
-        passed = sum(v.passed for v in verdicts)
-        return RunTestsResult(
-            status=RunStatus.OK,
-            passed=passed,
-            total=total,
-            pass_fraction=passed / total,
-            verdicts=verdicts,
-            queue_wait_s=wait,
-            wall_s=time.monotonic() - started,
-        )
-
-    async def _batch_tests(
-        self,
-        worker: ZygoteWorker,
-        req: RunTestsRequest,
-        limits: Limits,
-        verdicts: list[TestVerdict],
-    ) -> RunResult | None:
-        """Run the tests in as few program processes as possible (see :mod:`.batch`); append
-        verdicts in order. A compile failure is returned instead."""
-        total = len(req.tests)
-        start = 0
-        frames = self._compile_frames(req) + self._batch_frames(req, limits, start)
-        await worker.send(frames)
-        compiled = await self._compiled(worker, req)
-        while True:
-            batch_limits = self._batch_limits(limits, total - start)
-            raw = await self._read_job(worker, batch_limits, lines=True)
-            if compiled is not None:
-                break
-            if "sandbox_error" in raw:
-                raise WorkerDied(raw["sandbox_error"])
-            tampered = False
-            for record in raw["records"]:
-                if record is None or record.get("i") != start or start >= total:
-                    tampered = True  # the program wrote on the harness's channel
-                    break
-                verdicts.append(_judge(start, req.tests[start], record, limits, req.rel_tol))
-                start += 1
-            if start >= total:
-                break
-            # The process ended while running test `start`: that test's fate is the process's.
-            status, message = _classify(raw, self._batch_limits(limits, total - start))
-            if status is RunStatus.SANDBOX_ERROR:
-                raise WorkerDied(message or "sandbox error")
-            if tampered:
-                status, message = RunStatus.RUNTIME_ERROR, "the program wrote on fd 3"
-            elif status is RunStatus.OK:
-                status, message = RunStatus.RUNTIME_ERROR, "the program ended the test run early"
-            verdicts.append(
-                TestVerdict(
-                    index=start,
-                    passed=False,
-                    status=status,
-                    stdout="",
-                    stderr=raw.get("stderr", "")[-4096:],
-                    message=message,
-                )
-            )
-            start += 1
-            if start >= total:
-                break
-            await worker.send(self._batch_frames(req, limits, start))
-        await worker.send(wire.encode_json({"op": "fetch", "names": []}))
-        await self._read_fetch(worker)
-        return compiled
-
-    def _batch_limits(self, per_test: Limits, n: int) -> Limits:
-        cap = self.config.max_limits
-        return per_test.model_copy(
-            update={
-                "wall_s": min(per_test.wall_s * n + 1.0, cap.wall_s),
-                "cpu_s": min(per_test.effective_cpu_s() * n + 1.0, cap.effective_cpu_s()),
-            }
-        )
-
-    def _batch_frames(self, req: RunTestsRequest, limits: Limits, start: int) -> bytes:
-        tests: list[dict[str, Any]] = []
-        for test in req.tests[start:]:
-            if isinstance(test, CallTest):
-                tests.append({"fn": {"name": test.fn, "args": test.args, "kwargs": test.kwargs}})
-            else:
-                tests.append({"stdin": test.stdin})
-        batch_limits = self._batch_limits(limits, len(tests))
-        spec = language_spec(req.language, self.config)
-        job: dict[str, Any] = {"tests": tests, "first": start, "test_limits": limits.wire()}
-        job.update(spec.run_job(req.code, req.files, limits.memory_mb))
-        meta = {"op": "job", "limits": batch_limits.wire(), "binary": spec.compiled}
-        return self._frames(meta, self._payload(req, batch_limits, **job))
-
-    @property
-    def _fetch_limit(self) -> int:
-        return self.config.max_limits.output_bytes
-
-    def _payload(
-        self, req: RunRequest | RunTestsRequest, limits: Limits, **job: Any
-    ) -> dict[str, Any]:
-        return {
-            "language": req.language,
-            "code": req.code,
-            "files": req.files,
-            "limits": limits.wire(),
-            **job,
-        }
-
-    @staticmethod
-    def _frames(meta: dict[str, Any], payload: dict[str, Any]) -> bytes:
-        return wire.encode_json(meta) + wire.encode_typed(
-            wire.PAYLOAD, json.dumps(payload, separators=(",", ":")).encode()
-        )
-
-    def _compile_frames(self, req: RunRequest | RunTestsRequest) -> bytes:
-        spec = language_spec(req.language, self.config)
-        if not spec.compiled:
-            return b""
-        # Everything the compiler reads: the tools themselves, their argv and environment, the
-        # source and every file beside it (a header in ``files`` changes the binary as much as
-        # the source does). See LanguageSpec.cache_key_parts.
-        key = hashlib.sha256(
-            json.dumps(spec.cache_key_parts(req.code, req.files), sort_keys=True).encode()
-        ).hexdigest()
-        limits = self._compile_limits(req)
-        job = spec.compile_job(req.code, req.files, limits.memory_mb)
-        meta = {"op": "job", "compile": key, "limits": limits.wire()}
-        return self._frames(meta, self._payload(req, limits, stdin="", **job))
-
-    def _job_frames(
-        self,
-        req: RunRequest | RunTestsRequest,
-        limits: Limits,
-        stdin: str = "",
-        fn: dict[str, Any] | None = None,
-    ) -> bytes:
-        spec = language_spec(req.language, self.config)
-        job = spec.run_job(req.code, req.files, limits.memory_mb)
-        job["stdin"] = stdin
-        if fn is not None:
-            job["fn"] = fn
-        meta = {
-            "op": "job",
-            "limits": limits.wire(),
-            "binary": spec.compiled,
-        }
-        return self._frames(meta, self._payload(req, limits, **job))
-
-    def _test_frames(self, req: RunTestsRequest, limits: Limits, test: Any) -> bytes:
-        if isinstance(test, CallTest):
-            fn = {"name": test.fn, "args": test.args, "kwargs": test.kwargs}
-            return self._job_frames(req, limits, fn=fn)
-        return self._job_frames(req, limits, stdin=test.stdin)
-
-    async def _read_job(
-        self, worker: ZygoteWorker, limits: Limits, lines: bool = False
-    ) -> dict[str, Any]:
-        """Collect one job's output frames up to its ``end`` frame (``lines``: the side
-        channel holds a batch's JSON-lines records)."""
-        streams: dict[str, bytearray] = {name: bytearray() for name in wire.STREAMS.values()}
-        deadline = limits.wall_s + self.config.grace_s
-        while True:
-            kind, body = await worker.recv(timeout=deadline)
-            if kind == wire.JSON:
-                break
-            name = wire.STREAMS.get(kind)
-            if name is None:
-                worker.kill()
-                raise WorkerDied(f"sandbox worker sent a {kind!r} frame inside a job")
-            streams[name] += body
-        end: dict[str, Any] = wire.decode(body)
-        if end.get("type") == "error":
-            raise WorkerDied(f"sandbox worker failed: {end.get('message')}")
-        if lines:
-            end["records"] = _parse_records(bytes(streams["side"]))
-            end["side"] = {}
-        else:
-            try:
-                side = json.loads(bytes(streams["side"]) or b"{}")
-            except ValueError:
-                side = {"bad_side_channel": True}
-            end["side"] = side if isinstance(side, dict) else {"bad_side_channel": True}
-        end["stdout"] = streams["stdout"].decode("utf-8", "replace")
-        end["stderr"] = streams["stderr"].decode("utf-8", "replace")
-        return end
-
-    def _compile_limits(self, req: RunRequest | RunTestsRequest) -> Limits:
-        """The pool's compile limits, with the wall (and CPU) time lowered to the request's
-        ``compile_timeout_s`` where it asks for less; never raised above the pool's."""
-        limits = self.config.compile_limits
-        if req.compile_timeout_s is None:
-            return limits
-        wall = min(req.compile_timeout_s, limits.wall_s)
-        cpu = min(wall, limits.effective_cpu_s())
-        return limits.model_copy(update={"wall_s": wall, "cpu_s": cpu})
-
-    async def _compiled(
-        self, worker: ZygoteWorker, req: RunRequest | RunTestsRequest
-    ) -> RunResult | None:
-        """Read the compile step's reply (C++); a result when compilation failed."""
-        step = await self._compile_step(worker, req)
-        return step if step is not None and not step.compiled else None
-
-    async def _compile_step(
-        self, worker: ZygoteWorker, req: RunRequest | RunTestsRequest
-    ) -> RunResult | None:
-        """The compile step's reply (compiled languages) as a result with ``compiled`` and
-        ``compile_s`` set (callers such as SandboxFusion's ``compile_result`` report a success
-        too); None for languages without one."""
-        if not language_spec(req.language, self.config).compiled:
-            return None
-        limits = self._compile_limits(req)
-        raw = await self._read_job(worker, limits)
-        wall_s = raw.get("wall_s", 0.0)
-        if raw.get("compiled"):
-            return RunResult(status=RunStatus.OK, compiled=True, compile_s=wall_s)
-        if "sandbox_error" in raw:
-            raise WorkerDied(raw["sandbox_error"])
-        status = RunStatus.TIMEOUT if raw.get("timed_out") else RunStatus.COMPILE_ERROR
-        return RunResult(
-            status=status,
-            stderr=raw.get("stderr", ""),
-            exit_code=raw.get("exit_code"),
-            wall_s=wall_s,
-            cpu_s=raw.get("cpu_s", 0.0),
-            compiled=False,
-            compile_s=wall_s,
-            error="compilation failed" if status is RunStatus.COMPILE_ERROR else "compile timeout",
-        )
-
-    async def _read_fetch(self, worker: ZygoteWorker) -> dict[str, Any]:
-        """Files of the request's last program, then the end of the request."""
-        files: dict[str, Any] = {}
-        while True:
-            msg = await worker.recv_json(timeout=self.config.grace_s + 5.0)
-            if msg.get("type") == "fetched":
-                return files
-            if msg.get("type") == "error":
-                raise WorkerDied(f"sandbox worker failed: {msg.get('message')}")
-            name = msg["name"]
-            if msg.get("error"):
-                files[name] = {"error": msg["error"]}
-                continue
-            kind, body = await worker.recv(timeout=self.config.grace_s + 5.0)
-            if kind != wire.FILE:
-                worker.kill()
-                raise WorkerDied(f"sandbox worker sent a {kind!r} frame for a file")
-            files[name] = {
-                "content_b64": base64.b64encode(body).decode(),
-                "truncated": msg.get("truncated", False),
-            }
-
-
-_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "i": int,
-    "exit_code": int,
-    "timed_out": bool,
-    "stdout": str,
-    "stderr": str,
-    "stdout_truncated": bool,
-    "wall_s": (int, float),
-    "cpu_s": (int, float),
-    "side": dict,
-}
-
-
-def _parse_records(data: bytes) -> list[dict[str, Any] | None]:
-    """A batch's JSON-lines records. The program shares the channel, so anything malformed
-    ends the list with ``None`` (judged as the program's fault, never the sandbox's)."""
-    records: list[dict[str, Any] | None] = []
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or any(
-            key in record and not isinstance(record[key], kind)
-            for key, kind in _RECORD_TYPES.items()
-        ):
-            records.append(None)
-            break
-        records.append(record)
-    return records
+        return tests_result(verdicts, total, wait, started)
 
 
 def _annotate(
@@ -805,94 +495,3 @@ def _annotate(
     if status is RunStatus.SANDBOX_ERROR:
         span.set_attribute(semconv.ERROR_TYPE, status.value)
         span.set_status(Status(StatusCode.ERROR, status.value))
-
-
-def _not_compiled(compiled: RunResult, total: int, wait: float) -> RunTestsResult:
-    """A batch whose program never compiled: no test ran, so no verdicts."""
-    return RunTestsResult(
-        status=compiled.status,
-        passed=0,
-        total=total,
-        pass_fraction=0.0,
-        verdicts=[],
-        error=compiled.error,
-        queue_wait_s=wait,
-    )
-
-
-def _classify(raw: dict[str, Any], limits: Limits) -> tuple[RunStatus, str | None]:
-    side = raw.get("side") or {}
-    if "sandbox_error" in raw:
-        return RunStatus.SANDBOX_ERROR, str(raw["sandbox_error"])
-    if raw.get("skipped"):
-        return RunStatus.COMPILE_ERROR, str(raw["skipped"])
-    if raw.get("timed_out"):
-        return RunStatus.TIMEOUT, f"wall-clock limit of {limits.wall_s:g} s exceeded"
-    code = raw.get("exit_code")
-    # The side channel is the program's own: a claim in it only explains a failure.
-    if (side.get("memory_error") and code != 0) or raw.get("oom_killed"):
-        return RunStatus.MEMORY_LIMIT, f"memory limit of {limits.memory_mb} MiB exceeded"
-    if code in (-signal.SIGXCPU, -signal.SIGKILL) and raw.get("cpu_s", 0.0) >= (
-        0.9 * limits.effective_cpu_s()
-    ):
-        return RunStatus.TIMEOUT, f"CPU-time limit of {limits.effective_cpu_s():g} s exceeded"
-    if raw.get("killed_outside"):
-        return RunStatus.SANDBOX_ERROR, (
-            "the program's process was killed with SIGKILL from outside the sandbox (not by "
-            "the program, its limits or the pool; an operator, or the host out of memory): "
-            "an infrastructure failure, retry it"
-        )
-    if side.get("compile_error") and code != 0:
-        return RunStatus.COMPILE_ERROR, "syntax error"
-    if code == 0:
-        return RunStatus.OK, None
-    if out_of_memory(raw.get("stderr", "")):
-        return RunStatus.MEMORY_LIMIT, f"memory limit of {limits.memory_mb} MiB exceeded"
-    return RunStatus.RUNTIME_ERROR, None
-
-
-def _to_result(raw: dict[str, Any], limits: Limits) -> RunResult:
-    status, error = _classify(raw, limits)
-    return RunResult(
-        status=status,
-        stdout=raw.get("stdout", ""),
-        stderr=raw.get("stderr", ""),
-        exit_code=raw.get("exit_code"),
-        wall_s=raw.get("wall_s", 0.0),
-        cpu_s=raw.get("cpu_s", 0.0),
-        max_rss_mb=raw.get("max_rss_mb", 0.0),
-        stdout_truncated=raw.get("stdout_truncated", False),
-        stderr_truncated=raw.get("stderr_truncated", False),
-        error=error,
-    )
-
-
-def _judge(
-    index: int, test: Any, raw: dict[str, Any], limits: Limits, rel_tol: float
-) -> TestVerdict:
-    status, error = _classify(raw, limits)
-    passed = False
-    message = error
-    if status is RunStatus.OK:
-        if isinstance(test, CallTest):
-            side = raw.get("side") or {}
-            if "return" not in side:
-                status, message = RunStatus.RUNTIME_ERROR, "the function returned nothing"
-            else:
-                passed = values_match(side["return"], test.expected, rel_tol)
-                message = None if passed else f"returned {side['return']!r}"
-        else:
-            passed = not raw.get("stdout_truncated") and outputs_match(
-                raw.get("stdout", ""), test.expected_stdout
-            )
-            message = None if passed else "wrong answer"
-    return TestVerdict(
-        index=index,
-        passed=passed,
-        status=status,
-        stdout=raw.get("stdout", "")[:4096],
-        stderr=raw.get("stderr", "")[-4096:],
-        wall_s=raw.get("wall_s", 0.0),
-        cpu_s=raw.get("cpu_s", 0.0),
-        message=message,
-    )
