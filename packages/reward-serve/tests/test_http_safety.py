@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tangram_core.http_guard import GuardConfig, auth_headers
+from tangram_core.http.guard import GuardConfig, auth_headers
 from tangram_core.testing import hostile_json_bodies, nested_json
 
 pytestmark = pytest.mark.slow

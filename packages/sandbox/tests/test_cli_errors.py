@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tangram_core.http_guard import auth_headers
+from tangram_core.http.guard import auth_headers
 from tangram_sandbox.cli import main
 
 TOKEN = "sandbox-cli-token-0123456789abcdef"

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tangram_core.http_guard import GuardConfig, GuardStats, auth_headers
+from tangram_core.http.guard import GuardConfig, GuardStats, auth_headers
 from tangram_core.testing import hostile_json_bodies, nested_json
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.models import Limits

@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tangram_core.http_guard import GuardConfig, GuardStats, auth_headers
+from tangram_core.http.guard import GuardConfig, GuardStats, auth_headers
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.models import Limits
 from tangram_sandbox.pool import SandboxPool

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from tangram_core.autoscaler import Autoscaler
 from tangram_core.autoscaling import AutoscalingConfig
+from tangram_core.autoscaling.loop import Autoscaler
 from tangram_core.orchestrator import Orchestrator
 from tangram_core.process_pool import ProcessPoolManager, function_action
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tangram_core.http_guard import (
+from tangram_core.http.guard import (
     TOKEN_ENV,
     TOKEN_FILE_ENV,
     ClientLimiter,
@@ -403,7 +403,7 @@ def test_guard_over_a_real_socket(loopback_server: str) -> None:
 
 def test_importing_the_guard_pulls_in_no_web_framework() -> None:
     code = (
-        "import sys, tangram_core.http_guard; "
+        "import sys, tangram_core.http.guard; "
         "mods = ('fastapi', 'starlette', 'uvicorn', 'ray', 'torch'); "
         "print([m for m in mods if m in sys.modules])"
     )

@@ -16,7 +16,7 @@ SLEEP = "tangram_core.process_pool:sleep_task"
 
 
 def pool(workers: int = 2, **kw):
-    from tangram_core.ray_pool import RayActorPoolManager, RayPoolConfig
+    from tangram_core.ray.pool import RayActorPoolManager, RayPoolConfig
 
     return RayActorPoolManager(workers, config=RayPoolConfig(num_cpus_per_worker=0.25), **kw)
 

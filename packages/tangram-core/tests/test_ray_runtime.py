@@ -14,21 +14,21 @@ SLEEP = "tangram_core.process_pool:sleep_task"
 
 
 def _managers():
-    from tangram_core.ray_pool import RayActorPoolManager, RayPoolConfig
+    from tangram_core.ray.pool import RayActorPoolManager, RayPoolConfig
 
     return [RayActorPoolManager(2, config=RayPoolConfig(num_cpus_per_worker=0.25))]
 
 
 def test_remote_orchestrator_serves_submitters_across_processes(ray_session):
     ray = ray_session
-    from tangram_core.ray_runtime import RemoteOrchestrator
+    from tangram_core.ray.runtime import RemoteOrchestrator
 
     remote = RemoteOrchestrator.start(_managers, name="tangram-test")
 
     @ray.remote(num_cpus=0)
     def rollout_worker(i: int) -> str:
         """A separate Ray worker process, as a rollout worker on another node would be."""
-        from tangram_core.ray_runtime import RemoteOrchestrator as Client
+        from tangram_core.ray.runtime import RemoteOrchestrator as Client
 
         client = Client.connect("tangram-test")
         action = function_action(SLEEP, 0.05, kind="ray.sleep", trajectory_id=f"t{i}")
@@ -46,7 +46,7 @@ def test_remote_orchestrator_serves_submitters_across_processes(ray_session):
 
 
 def test_connect_to_a_missing_orchestrator_is_clear(ray_session):
-    from tangram_core.ray_runtime import RemoteOrchestrator
+    from tangram_core.ray.runtime import RemoteOrchestrator
 
     with pytest.raises(LookupError, match="no Tangram orchestrator actor named 'nope'"):
         RemoteOrchestrator.connect("nope")

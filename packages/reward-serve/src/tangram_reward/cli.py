@@ -119,7 +119,7 @@ def _serve(path: Path, once: bool, token_file: Path | None) -> int:
     import ray
     from ray import serve
 
-    from tangram_core.http_guard import check_bind, load_token
+    from tangram_core.http.guard import check_bind, load_token
     from tangram_core.telemetry import configure_telemetry
     from tangram_reward.gateway import RewardGateway, bind, run_in_thread, uvicorn_server
     from tangram_reward.serve_app import build_app, running_replicas

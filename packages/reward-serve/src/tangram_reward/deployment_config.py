@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tangram_core.http_guard import GuardConfig
+from tangram_core.http.guard import GuardConfig
 from tangram_reward.models.judge import JudgeConfig, JudgeSpec
 from tangram_reward.models.scalar_rm import ScalarRewardModelConfig
 

@@ -4,7 +4,7 @@ Why not Serve's own HTTP proxy: under overload the proxy routed every request, t
 limit would refuse included, to a replica before the guard there could answer, so on two
 cores at twice capacity it spent its CPU relaying refusals: 24 of 480 requests per second got
 a 200 (capacity 240), 13 of 14,381 requests had no answer within 15 s, and its backlog took
-5.9 s to drain. Here :class:`~tangram_core.http_guard.HttpGuard` answers 401/413/429/503 before
+5.9 s to drain. Here :class:`~tangram_core.http.guard.HttpGuard` answers 401/413/429/503 before
 anything leaves this process, a body is validated against its pydantic schema (422 naming the
 field) before it reaches a replica, and only admitted requests become handle calls.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from tangram_core.http_guard import (
+from tangram_core.http.guard import (
     ASGIApp,
     GuardConfig,
     GuardStats,

@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     require_extra(("fastapi", "uvicorn"), "server", "tangram-sandbox serve")
     import uvicorn
 
-    from tangram_core.http_guard import GuardConfig, TokenError, check_bind, load_token
+    from tangram_core.http.guard import GuardConfig, TokenError, check_bind, load_token
     from tangram_sandbox.config import PoolConfig
     from tangram_sandbox.models import Limits
     from tangram_sandbox.server import ApiLimits, build_app, parse_networks

@@ -20,7 +20,7 @@ operator may name client networks (``allow_networks``) whose requests to ``/run_
 token; every other route, and every other client, still needs it.
 
 Safety (code execution is remote code execution by design): every request passes
-:class:`tangram_core.http_guard.HttpGuard` (bearer token, per-client rate and concurrency,
+:class:`tangram_core.http.guard.HttpGuard` (bearer token, per-client rate and concurrency,
 body size, bounded queue), then :class:`ApiLimits` (code size, test cases, captured output),
 then the pool, which clamps time and memory limits to ``PoolConfig.max_limits``. The CLI binds
 127.0.0.1 unless told otherwise and refuses any other address without a token.
@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tangram_core.http_guard import GuardConfig, GuardStats, HttpGuard
+from tangram_core.http.guard import GuardConfig, GuardStats, HttpGuard
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.models import (
     Language,
@@ -318,7 +318,7 @@ def build_app(
     None); ``stats`` receives the guard's counters; ``allow_networks`` (CIDR) lets clients in
     those networks call :data:`FUSION_PATHS` without the token (verl sends none). Whether a
     server may run without a token is the caller's decision
-    (:func:`tangram_core.http_guard.check_bind`; the CLI makes it)."""
+    (:func:`tangram_core.http.guard.check_bind`; the CLI makes it)."""
     owned = pool is None
     the_pool = pool or SandboxPool(config or PoolConfig())
     limits_api = api or ApiLimits()

@@ -37,9 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import fnmatch
-import importlib
-import inspect
 import itertools
 import logging
 import multiprocessing
@@ -48,15 +45,21 @@ import signal
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tangram_core.actions import Action, InvalidPayload
+from tangram_core.function_call import (
+    FunctionCall,
+    function_action,
+    parse_function_call,
+    resolve_function,
+)
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
 
 __all__ = [
@@ -130,53 +133,6 @@ class ProcessPoolConfig(BaseModel):
     )
 
 
-class FunctionCall(BaseModel):
-    """The payload of an action this pool runs: a function by import path, and its arguments."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    fn: str = Field(
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
-        description="'module:function', e.g. 'tangram_core.process_pool:sleep_task'.",
-    )
-    args: list[Any] = Field(default_factory=list, description="Positional arguments.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
-
-
-def parse_function_call(
-    action: Action, pool: str, allowed_functions: Sequence[str]
-) -> FunctionCall:
-    """Validate an action's payload as a :class:`FunctionCall` the pool may run; shared by every
-    pool that runs functions (local processes, Ray actors)."""
-    try:
-        call = FunctionCall.model_validate(action.payload)
-    except ValidationError as exc:
-        raise InvalidPayload(
-            f"action {action.id!r} ({action.kind}): pool {pool!r} needs "
-            f"payload={{'fn': 'module:function', 'args': [...], 'kwargs': {{...}}}}; "
-            f"{exc.error_count()} problem(s): "
-            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        ) from None
-    if not any(fnmatch.fnmatchcase(call.fn, p) for p in allowed_functions):
-        raise InvalidPayload(
-            f"action {action.id!r} ({action.kind}): function {call.fn!r} is not allowed in "
-            f"pool {pool!r}; allowed_functions={list(allowed_functions)}"
-        )
-    return call
-
-
-def function_action(
-    fn: str,
-    *args: Any,
-    kwargs: dict[str, Any] | None = None,
-    kind: str = "process.call",
-    **fields: Any,
-) -> Action:
-    """An :class:`Action` that runs ``fn`` (``'module:function'``) on this pool; ``fields`` are
-    the action's own (``id``, ``trajectory_id``, ``estimated_duration_s``, ``elasticity``...)."""
-    call = FunctionCall(fn=fn, args=list(args), kwargs=kwargs or {})
-    return Action(kind=kind, payload=call.model_dump(), **fields)
-
-
 # --- the worker process --------------------------------------------------------------------------
 
 
@@ -211,25 +167,6 @@ def _worker_main(conn: Connection) -> None:
         except Exception as exc:  # the output does not pickle; nothing was written yet
             error = TypeError(f"the output of {fn_path} cannot be sent back to the pool: {exc}")
             conn.send(_error_reply(action_id, error))
-
-
-def resolve_function(
-    fn_path: str, cache: dict[str, tuple[Callable[..., Any], bool]]
-) -> tuple[Callable[..., Any], bool]:
-    """Import ``module:qualname`` once per worker; also say whether it takes ``units``."""
-    if fn_path not in cache:
-        module_name, _, qualname = fn_path.partition(":")
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        if not callable(obj):
-            raise TypeError(f"{fn_path} is a {type(obj).__name__}, not a function")
-        try:
-            wants_units = "units" in inspect.signature(obj).parameters
-        except (TypeError, ValueError):  # some builtins have no signature
-            wants_units = False
-        cache[fn_path] = (obj, wants_units)
-    return cache[fn_path]
 
 
 def _error_reply(action_id: str, exc: BaseException) -> tuple[Any, ...]:

@@ -1,7 +1,7 @@
 """Cluster-scale discrete-event simulation: action scheduling (:mod:`.engine`) and whole RL
 training loops, synchronous or asynchronous (:mod:`.rl_loop`)."""
 
-from tangram_core.sim.autoscale import PoolScaling, SimAutoscaling
+from tangram_core.autoscaling.simulated import PoolScaling, SimAutoscaling
 from tangram_core.sim.bounds import CapacityBound, capacity_bound, result_jobs, trace_jobs
 from tangram_core.sim.engine import (
     ActionRunner,

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tangram_core.autoscaling.simulated import PoolTracker, SimAutoscaling
 from tangram_core.scheduler import ActionSpec, Scheduler
-from tangram_core.sim.autoscale import PoolTracker, SimAutoscaling
 
 _TURN = 1  # a trajectory finished generating: issue its turn's actions (or finish)
 _FINISH = 2  # an action finished (if its version is still current)

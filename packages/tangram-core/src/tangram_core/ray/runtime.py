@@ -3,7 +3,7 @@
 Every rollout worker of a multi-node RL job (vLLM engines, agent loops, reward callers) can
 submit actions to one shared orchestrator, and so to one scheduler over the shared pools. The
 orchestrator runs in an async Ray actor. Its managers are built inside that actor by a factory
-you pass, typically :class:`~tangram_core.ray_pool.RayActorPoolManager`, whose workers Ray
+you pass, typically :class:`~tangram_core.ray.pool.RayActorPoolManager`, whose workers Ray
 spreads over the cluster. Actions and results cross as plain dicts and are validated on
 arrival, so a bad action fails at the edge with the field named.
 

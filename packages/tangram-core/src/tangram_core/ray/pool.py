@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import exceptions as ray_errors
 
 from tangram_core.actions import Action
-from tangram_core.process_pool import parse_function_call, resolve_function
+from tangram_core.function_call import parse_function_call, resolve_function
 from tangram_core.resource_manager import ResourceManager, WorkerLost
 
 

@@ -1,7 +1,7 @@
 """Autoscaled pools on the simulator's virtual clock: the runtime's policy, and what it costs.
 
 Why: the paper's resource saving comes from pools that follow the load, not from a smaller
-fixed pool. The runtime's :class:`~tangram_core.autoscaler.Autoscaler` asks
+fixed pool. The runtime's :class:`~tangram_core.autoscaling.loop.Autoscaler` asks
 :func:`~tangram_core.autoscaling.apply_policy` how big each manager should be; here the same
 pure policy sizes virtual pools every ``period_s``, so the simulated saving is the one the
 runtime's policy would give, warm-up delays and damped scale-down included.
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tangram_core.autoscaling import (
+from tangram_core.autoscaling.policy import (
     AutoscalingConfig,
     AutoscalingState,
     Policy,

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from tangram_core.autoscaling import (
+from tangram_core.autoscaling.policy import (
     AutoscalingConfig,
     AutoscalingState,
     Policy,
