@@ -34,7 +34,7 @@ APP = "bench-rules"
 
 def _managers() -> dict[str, Any]:
     from tangram_reward.manager import RewardManager, RewardManagerConfig
-    from tangram_reward.serve_app import running_replicas
+    from tangram_reward.serve_control import running_replicas
 
     class PerQueryStatusManager(RewardManager):
         """The baseline: one controller round trip per capacity query (the old behaviour)."""

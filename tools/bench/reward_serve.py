@@ -126,7 +126,7 @@ def rm_throughput(serve: Any, model: Path, n: int, steps: int) -> dict[str, floa
 
 
 def scale_up(serve: Any, name: str, **fields: Any) -> dict[str, float]:
-    from tangram_reward.serve_app import scale_deployment, wait_for_replicas
+    from tangram_reward.serve_control import scale_deployment, wait_for_replicas
 
     handle = deploy(serve, name, **fields)
     first = handle.pid.remote().result() if fields["kind"] == "rules" else None

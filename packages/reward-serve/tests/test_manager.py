@@ -119,7 +119,7 @@ def test_capacity_comes_from_a_background_poll_not_a_controller_call_per_action(
 
     import tangram_reward.manager as manager_module
     from tangram_reward.manager import RewardManager, RewardManagerConfig
-    from tangram_reward.serve_app import running_replicas, scale_deployment
+    from tangram_reward.serve_control import running_replicas, scale_deployment
 
     reads = 0
 

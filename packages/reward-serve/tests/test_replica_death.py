@@ -133,7 +133,7 @@ def test_a_replica_killed_under_an_http_request_gets_503_not_a_hang(two_replicas
     from ray import serve
 
     from tangram_reward.gateway import RewardGateway, run_in_thread
-    from tangram_reward.serve_app import wait_for_replicas
+    from tangram_reward.serve_control import wait_for_replicas
 
     asyncio.run(wait_for_replicas(two_replicas, two_replicas, 2, 120))  # the last test's victim
     actors = replicas(two_replicas)

@@ -134,9 +134,8 @@ def test_config_errors_name_the_fix():
 
 
 def test_external_scaling_up_and_down(serve_instance):
-    from tangram_reward.serve_app import (
-        RewardDeploymentConfig,
-        build_app,
+    from tangram_reward.serve_app import RewardDeploymentConfig, build_app
+    from tangram_reward.serve_control import (
         running_replicas,
         scale_deployment,
         wait_for_replicas,
@@ -160,7 +159,7 @@ def test_external_scaling_up_and_down(serve_instance):
 
 
 def test_scaling_refused_without_external_scaler(rules):
-    from tangram_reward.serve_app import scale_deployment
+    from tangram_reward.serve_control import scale_deployment
 
     with pytest.raises(Exception, match="external_scaler_enabled"):
         scale_deployment("rules", "rules", 2)

@@ -122,7 +122,8 @@ def _serve(path: Path, once: bool, token_file: Path | None) -> int:
     from tangram_core.http.guard import check_bind, load_token
     from tangram_core.telemetry import configure_telemetry
     from tangram_reward.gateway import RewardGateway, bind, run_in_thread, uvicorn_server
-    from tangram_reward.serve_app import build_app, running_replicas
+    from tangram_reward.serve_app import build_app
+    from tangram_reward.serve_control import running_replicas
 
     telemetry = configure_telemetry(service_name="tangram-reward")
     token = load_token(token_file)  # TokenError is a ValueError: exit 2 with its message

@@ -10,37 +10,20 @@ healthy and failing each request later.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tangram_core.http.guard import GuardConfig
 from tangram_reward.models.judge import JudgeConfig, JudgeSpec
 from tangram_reward.models.scalar_rm import ScalarRewardModelConfig
+from tangram_reward.schemas import error_text, first_error, validation_errors
 
 __all__ = ["RewardDeploymentConfig", "error_text", "first_error", "validation_errors"]
 
 
 def _default_http() -> GuardConfig:
     return GuardConfig(max_body_bytes=1 << 20)
-
-
-def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Each failed field and its rule, as the HTTP 422 body and handle errors list them."""
-    return [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]} for e in exc.errors()]
-
-
-def first_error(exc: ValidationError) -> str:
-    """The first error as ``field: rule`` (just the rule for a cross-field check)."""
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"])
-    return f"{field}: {err['msg']}" if field else str(err["msg"])
-
-
-def error_text(exc: ValidationError) -> str:
-    """The first error's own message, without pydantic's "Value error, " prefix or its
-    documentation URL (``str(exc)`` ends with that URL, which says nothing about the value)."""
-    return str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
 
 
 class RewardDeploymentConfig(BaseModel):

@@ -41,10 +41,10 @@ from tangram_core.http.guard import (
     Send,
     send_json,
 )
-from tangram_reward.deployment_config import RewardDeploymentConfig, validation_errors
+from tangram_reward.deployment_config import RewardDeploymentConfig
 from tangram_reward.models.judge_parse import JudgeParseError
 from tangram_reward.rules.request import RuleRequest
-from tangram_reward.serve_app import ScoreRequest
+from tangram_reward.schemas import ScoreRequest, validation_errors
 
 __all__ = [
     "HttpStatusError",

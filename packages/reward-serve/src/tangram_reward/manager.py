@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tangram_core import semconv
 from tangram_core.actions import Action
 from tangram_core.resource_manager import ActionError, ResourceManager, WorkerLost
-from tangram_reward.serve_app import running_replicas, scale_deployment, wait_for_replicas
+from tangram_reward.serve_control import running_replicas, scale_deployment, wait_for_replicas
 from tangram_reward.tracing import current_carrier
 
 logger = logging.getLogger(__name__)

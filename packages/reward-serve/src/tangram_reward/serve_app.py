@@ -28,18 +28,15 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from ray import serve
 
 from tangram_core import semconv
 from tangram_core.telemetry import configure_telemetry
 from tangram_reward import __version__
-from tangram_reward.deployment_config import (
-    RewardDeploymentConfig,
-    error_text,
-    validation_errors,
-)
+from tangram_reward.deployment_config import RewardDeploymentConfig
 from tangram_reward.rules.request import RuleRequest, score_rules
+from tangram_reward.schemas import ScoreRequest, error_text, validation_errors
 from tangram_reward.tracing import (
     AttributedReward,
     Pending,
@@ -114,13 +111,6 @@ class RuleVerifier:
     def pid(self) -> int:
         """This replica's process id: tells replicas apart in tests and benchmarks."""
         return os.getpid()
-
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    prompt: str
-    response: str = Field(min_length=1)
-    model_id: str | None = Field(None, description="Checkpoint path; the default if unset.")
 
 
 @functools.lru_cache(maxsize=64)
@@ -319,46 +309,3 @@ def build_app(config: RewardDeploymentConfig) -> Any:
         max_queued_requests=config.max_queued_requests,
         ray_actor_options=actor_options,
     ).bind(config)
-
-
-def scale_deployment(app: str, deployment: str, replicas: int) -> None:
-    """Set a deployment's replica count through Serve's external-scaling API.
-
-    This is the controller call behind Serve's REST route
-    ``POST /api/v1/applications/{app}/deployments/{dep}/scale``; calling it directly works
-    without the dashboard. The application must be deployed with
-    ``external_scaler_enabled=True``; otherwise Serve refuses with a message that says so.
-    """
-    if replicas < 0:
-        raise ValueError(f"replicas ({replicas}) must be >= 0")
-    import ray
-    from ray.serve._private.common import DeploymentID
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    ray.get(controller.update_deployment_replicas.remote(DeploymentID(deployment, app), replicas))
-
-
-def running_replicas(app: str, deployment: str) -> int:
-    """Replicas of ``deployment`` in state RUNNING, from ``serve.status()``."""
-    status = serve.status().applications.get(app)
-    if status is None or deployment not in status.deployments:
-        return 0
-    counts: dict[Any, int] = dict(status.deployments[deployment].replica_states)
-    return int(counts.get("RUNNING", 0))  # ReplicaState is a str enum: "RUNNING" finds it
-
-
-async def wait_for_replicas(app: str, deployment: str, replicas: int, timeout_s: float) -> float:
-    """Wait until exactly ``replicas`` are RUNNING; returns the seconds it took."""
-    import asyncio
-    import time
-
-    t0 = time.monotonic()
-    while running_replicas(app, deployment) != replicas:
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(
-                f"{app}/{deployment}: {running_replicas(app, deployment)} replicas running "
-                f"after {timeout_s:.0f}s, wanted {replicas}"
-            )
-        await asyncio.sleep(0.05)
-    return time.monotonic() - t0
