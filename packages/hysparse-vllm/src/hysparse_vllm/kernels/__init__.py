@@ -3,8 +3,8 @@ top-k block selection, and block-sparse attention for sparse layers.
 
 Importing this subpackage imports torch and Triton (``import hysparse_vllm`` does not). The
 Triton kernels run on CUDA, and on CPU under ``TRITON_INTERPRET=1`` for tests; the PyTorch
-reference in :mod:`.reference` is the oracle, and :mod:`.torch_decode` the vectorised CPU decode
-path.
+reference in :mod:`.reference` is the oracle. The plugin's CPU path is not here: it reads
+vLLM-CPU's own cache layout (:mod:`hysparse_vllm.cpu_gather`).
 
 Layout (that of vLLM's Triton/FlashAttention backends; see :mod:`.layout`): ``q`` is
 ``[num_tokens, Hq, D]``; ``key_cache``/``value_cache`` ``[num_pages, page_size, Hkv, D]``;
@@ -41,7 +41,6 @@ from .reference import (
 )
 from .sparse_attention import sparse_decode, sparse_prefill
 from .topk import select_blocks
-from .torch_decode import full_decode_torch, sparse_decode_torch
 
 __all__ = [
     "FullAttentionResult",
@@ -49,14 +48,12 @@ __all__ = [
     "dense_causal_attention",
     "full_attention",
     "full_attention_reference",
-    "full_decode_torch",
     "pack_paged",
     "scores_from_block_lse",
     "select_blocks",
     "select_blocks_reference",
     "sparse_attention_reference",
     "sparse_decode",
-    "sparse_decode_torch",
     "sparse_prefill",
     "token_positions",
 ]

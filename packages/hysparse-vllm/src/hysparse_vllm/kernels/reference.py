@@ -1,8 +1,10 @@
 """Plain PyTorch reference of the HySparse selection contract over vLLM's paged KV layout.
 
 Written for clarity, not speed: one sequence at a time, full fp32 softmax matrices. It is the
-oracle of the Triton kernels' tests and the CPU path of the plugin's attention backend. The
-contract, in short (see the package README for the full text):
+oracle of the Triton kernels' tests. The block mass, the head aggregation and the top-k rule
+are :mod:`hysparse_vllm.selection`'s, the one statement of the contract that the reference
+model and the vLLM CPU backend (:mod:`hysparse_vllm.cpu_gather`) use too. In short (see the
+package README for the full text):
 
 1. Full layer: ``p[h,q,t] = softmax_{t<=q}(q_h . k_t * scale)``; block mass
    ``m[h,q,b] = sum_{t in b, t<=q} p[h,q,t]``.
@@ -22,21 +24,12 @@ import math
 
 import torch
 
+from ..selection import aggregate_heads, block_mass, select_blocks
 from .layout import SelectionSpec, check_paged, gather_sequence, token_positions
 
 
 def _scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
-def _aggregate(mass: torch.Tensor, num_kv_heads: int, score_agg: str) -> torch.Tensor:
-    """``[Hq, ...]`` per-head block mass -> ``[Hkv, ...]`` per-group score."""
-    grouped = mass.reshape(num_kv_heads, mass.shape[0] // num_kv_heads, *mass.shape[1:])
-    if score_agg == "sum":
-        return grouped.sum(dim=1)
-    if score_agg == "max":
-        return grouped.amax(dim=1)
-    raise ValueError(f"score_agg ({score_agg!r}) must be 'sum' or 'max'")
 
 
 def dense_causal_attention(
@@ -68,10 +61,8 @@ def dense_causal_attention(
     visible = torch.arange(kv_len, device=q.device)[None, :] <= qpos[:, None]
     p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
     out = (p @ vf).transpose(0, 1).to(q.dtype)
-    n_blocks = -(-kv_len // block_size)
-    padded = torch.nn.functional.pad(p, (0, n_blocks * block_size - kv_len))
-    mass = padded.reshape(hq, q_len, n_blocks, block_size).sum(-1)  # [Hq, q_len, n_blocks]
-    scores = _aggregate(mass, hkv, score_agg).transpose(0, 1).contiguous()
+    mass = block_mass(p, block_size)  # [Hq, q_len, n_blocks]
+    scores = aggregate_heads(mass, hkv, score_agg, head_dim=0).transpose(0, 1).contiguous()
     return out, scores
 
 
@@ -120,27 +111,22 @@ def select_blocks_reference(
     position in its sequence. Forced blocks (sinks, own block) always win; the rest are ranked by
     score with a stable sort, so equal scores go to the lower block index.
     """
-    num_tokens, hkv, max_blocks = scores.shape
-    k = spec.topk_blocks
-    out = torch.full((num_tokens, hkv, k), -1, dtype=torch.int32, device=scores.device)
-    blocks = torch.arange(max_blocks, device=scores.device)
-    for i in range(num_tokens):
-        own = int(positions[i]) // block_size
-        if own >= max_blocks:
-            raise ValueError(
-                f"token {i} at position {int(positions[i])} needs block {own} but scores have "
-                f"only {max_blocks} blocks"
-            )
-        candidate = blocks <= own
-        forced = candidate & ((blocks < spec.sink_blocks) | (blocks == own))
-        for g in range(hkv):
-            key = scores[i, g].float().masked_fill(forced, float("inf"))
-            key = key.masked_fill(~candidate, float("-inf"))
-            order = torch.sort(key, descending=True, stable=True).indices
-            chosen = order[: min(k, own + 1)]
-            chosen = torch.sort(chosen).values
-            out[i, g, : chosen.numel()] = chosen.to(torch.int32)
-    return out
+    num_tokens, _, max_blocks = scores.shape
+    own = positions.long() // block_size
+    if num_tokens and int(own.max()) >= max_blocks:
+        i = int(torch.argmax(own))
+        raise ValueError(
+            f"token {i} at position {int(positions[i])} needs block {int(own[i])} but scores "
+            f"have only {max_blocks} blocks"
+        )
+    picked = select_blocks(
+        scores,
+        positions.long().view(num_tokens, 1).to(scores.device),
+        block_size=block_size,
+        topk=spec.topk_blocks,
+        sink_blocks=spec.sink_blocks,
+    )
+    return picked.to(torch.int32)
 
 
 def sparse_attention_reference(
@@ -205,4 +191,4 @@ def scores_from_block_lse(
     visible = (blocks[None, :] <= (positions[:, None] // block_size))[:, None, :]
     # Entries past a token's own block are never written by the kernel: mask, don't multiply.
     mass = torch.where(visible, torch.exp(block_lse.float() - lse.float()[:, :, None]), 0.0)
-    return _aggregate(mass.transpose(0, 1), num_kv_heads, score_agg).transpose(0, 1).contiguous()
+    return aggregate_heads(mass, num_kv_heads, score_agg, head_dim=1).contiguous()
