@@ -98,3 +98,28 @@ def test_user_errors_exit_2_with_one_clear_line(tmp_path, trace_file):
     out = cli("simulate", str(trace_file), "--scheduler", "isolated", "--gpu", "2")
     assert out.returncode == 2
     assert "raise --gpu to at least 4" in out.stderr
+
+
+def test_simulate_is_a_span_with_its_figures_under_otel_variables(tmp_path, trace_file):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_TRACES_EXPORTER"] = "console"
+    args = ["simulate", str(trace_file), "--cpu", "16", "--gpu", "2"]
+    out = subprocess.run(
+        [sys.executable, "-m", "tangram_core.cli", *args, "--out", str(tmp_path / "r.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"name": "tangram.cli.simulate"' in out.stdout
+    assert '"tangram.sim.actions": 300' in out.stdout
+    assert '"service.name": "tangram-core"' in out.stdout
+    env["OTEL_TRACES_EXPORTER"] = "jaeger"
+    bad = subprocess.run(
+        [sys.executable, "-m", "tangram_core.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2
+    assert "OTEL_TRACES_EXPORTER='jaeger'" in bad.stderr

@@ -6,8 +6,10 @@
     tangram-core trace-from-otel SPANS.json --pool sandbox=cpu:1 --out TRACE.jsonl \
         --replay cpu=64,gpu=8
 
-Errors a user can cause (a missing file, a bad line, an action that cannot fit) exit with
-status 2 and one line naming the problem, never a traceback.
+Errors a user can cause (a missing file, a bad line, an action that cannot fit, a bad
+``OTEL_*`` value) exit with status 2 and one line naming the problem, never a traceback.
+Telemetry follows the ``OTEL_*`` variables: each command is a ``tangram.cli.<command>`` span
+(``OTEL_TRACES_EXPORTER=console`` prints it, with the simulation's figures as attributes).
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def _simulate(args: argparse.Namespace) -> int:
     dump_result(result, args.out)
     s = summarize(result.acts())
     bound = capacity_bound(trace_jobs(trace), capacity)
+    from opentelemetry import trace as otel_trace
+
+    span = otel_trace.get_current_span()
+    span.set_attribute("tangram.sim.scheduler", args.scheduler)
+    span.set_attribute("tangram.sim.actions", result.n_actions)
+    span.set_attribute("tangram.sim.mean_act_s", s["mean"])
+    span.set_attribute("tangram.sim.makespan_s", result.makespan)
+    span.set_attribute("tangram.sim.act_over_capacity_bound", s["mean"] / bound.mean)
     print(
         f"{result.n_actions} actions, makespan {result.makespan:.1f}s, mean ACT {s['mean']:.3f}s,"
         f" p99 {s['p99']:.3f}s, simulated in {result.wall_seconds:.1f}s -> {args.out}"
@@ -180,11 +190,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tfo.set_defaults(fn=_trace_from_otel)
     args = parser.parse_args(argv)
+    from tangram_core.telemetry import configure_telemetry, get_tracer
+
+    telemetry = None
     try:
-        return int(args.fn(args))
+        telemetry = configure_telemetry(service_name="tangram-core")
+        name = f"tangram.cli.{args.command.replace('-', '_')}"
+        with get_tracer().start_as_current_span(name):
+            return int(args.fn(args))
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"tangram-core {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
 
 
 if __name__ == "__main__":
