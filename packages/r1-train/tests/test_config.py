@@ -97,10 +97,19 @@ def test_run_under_torchrun_with_several_ranks_refuses_before_starting_anything(
 
 
 def test_shipped_configs_are_valid(model_dir: Path) -> None:
+    """Each config under configs/ loads as the command it is for (``sample:``: r1-train
+    sample; otherwise r1-train run)."""
+    import yaml
+
+    from r1_train.sample import load_sample_config
+
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        load_config(path, [f"model.path={model_dir}"])
+        if "sample" in (yaml.safe_load(path.read_text()) or {}):
+            load_sample_config(path, [f"model.path={model_dir}"])
+        else:
+            load_config(path, [f"model.path={model_dir}"])
 
 
 def test_cluster_fields_are_validated(model_dir: Path) -> None:

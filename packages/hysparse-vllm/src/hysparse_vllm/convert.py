@@ -12,7 +12,8 @@ What happens to each layer:
   constant ``sigmoid(--gate-bias)`` (zero weight).
 
 A converted model loses quality (the sparse branch pairs a layer's queries with another layer's
-keys); ``tools/bench/hysparse_convert.py`` measures how much. Fine-tuning is future work.
+keys); ``tools/bench/hysparse_convert.py`` measures how much. To recover it, distil from the
+dense model (r1-train's README, "HySparse recovery").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``r1-train``: GRPO or SFT from a YAML config, pass@k evaluation, and a run's curves.
+"""``r1-train``: GRPO, SFT, rejection sampling and distillation from a YAML config, pass@k
+evaluation, and a run's curves.
 
     r1-train run --config configs/arithmetic_tool.yaml run.steps=20 grpo.beta=0.001
     r1-train run --config FILE.yaml --resume
@@ -8,6 +9,8 @@
     r1-train eval --config FILE.yaml model.path=runs/r1/checkpoint-000020 eval.samples=10 \
         eval.k=[1,10]                      # pass@k on HumanEval, programs run in the sandbox
     r1-train sft --config FILE.yaml sft.path=chats.jsonl   # supervised fine-tuning
+    r1-train sample --config FILE.yaml sample.n=8          # rejection sampling into an SFT set
+    r1-train distill --config FILE.yaml distill.loss=reverse_kl   # teacher -> student logits
 
 A bad config prints every bad field with its rule and exits with status 2, before anything
 starts. Telemetry follows the standard ``OTEL_*`` variables (e.g.
@@ -20,7 +23,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--config", type=Path, help="YAML: model, optim, run and sft sections")
     sft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     sft.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
+    smp = sub.add_parser(
+        "sample", help="rejection sampling: keep the teacher's verified answers as an SFT set"
+    )
+    smp.add_argument("--config", type=Path, help="YAML: model, rollout, task and sample sections")
+    smp.add_argument("--resume", action="store_true", help="skip prompts already sampled")
+    smp.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
+    dst = sub.add_parser("distill", help="logit distillation from a teacher into a student")
+    dst.add_argument("--config", type=Path, help="YAML: model, optim, run and distill sections")
+    dst.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    dst.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
     plot = sub.add_parser("plot", help="draw a run's curves as PNG")
     plot.add_argument("run_dir", type=Path)
     plot.add_argument("--out", type=Path, default=None, help="folder (default RUN_DIR/plots)")
@@ -186,41 +199,66 @@ def _run(cfg: Any, *, verbose: bool) -> int:
     return 0
 
 
-def _sft(args: argparse.Namespace) -> int:
-    """``r1-train sft``: bad config or data exits 2 (file and row named), before the model
-    loads; a checkpoint that cannot be written exits 1."""
+def _offline(
+    args: argparse.Namespace,
+    command: str,
+    load: Callable[[Path | None, list[str]], Any],
+    train: Callable[[Any], list[dict[str, Any]]],
+    data_errors: tuple[type[BaseException], ...],
+    label: Callable[[Any], str] | None = None,
+) -> int:
+    """``r1-train sft`` and ``r1-train distill``: a bad config or data exits 2 (the file and
+    row named), before the model loads; a checkpoint that cannot be written exits 1."""
     from r1_train.config import ConfigError
-    from r1_train.sft import SFTDataError, load_sft_config
 
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
     try:
-        cfg = load_sft_config(args.config, overrides)
+        cfg = load(args.config, overrides)
     except ConfigError as exc:
-        print(f"r1-train sft: {exc}", file=sys.stderr)
+        print(f"r1-train {command}: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from r1_train.checkpoint import CheckpointWriteFailed
-    from r1_train.sft import train_sft
     from tangram_core.telemetry import configure_telemetry
 
     telemetry = configure_telemetry(service_name="r1-train")
     try:
-        rows = train_sft(cfg)
-    except (SFTDataError, ConfigError) as exc:  # bad data, an eval prompt that cannot fit
-        print(f"r1-train sft: {exc}", file=sys.stderr)
+        rows = train(cfg)
+    except (*data_errors, ConfigError) as exc:  # bad data, a prompt that cannot fit
+        print(f"r1-train {command}: {exc}", file=sys.stderr)
         return 2
     except CheckpointWriteFailed as exc:
-        print(f"r1-train sft: the run failed: {exc}", file=sys.stderr)
+        print(f"r1-train {command}: the run failed: {exc}", file=sys.stderr)
         return 1
     finally:
         telemetry.shutdown()
     if rows:
         first, last = rows[0], rows[-1]
         print(
-            f"sft: steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> "
-            f"{last['loss']:.4f}; checkpoints in {cfg.run.out_dir}"
+            f"{label(cfg) if label else command}: steps {first['step']}..{last['step']}: loss "
+            f"{first['loss']:.4f} -> {last['loss']:.4f}; checkpoints in {cfg.run.out_dir}"
         )
     return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from r1_train.sft import SFTDataError, load_sft_config, train_sft
+
+    return _offline(args, "sft", load_sft_config, train_sft, (SFTDataError,))
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from r1_train.distill import load_distill_config, train_distill
+    from r1_train.sft import SFTDataError  # distill's data errors are its subclass
+
+    return _offline(
+        args,
+        "distill",
+        load_distill_config,
+        train_distill,
+        (SFTDataError,),
+        label=lambda cfg: f"distill ({cfg.distill.loss})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,6 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _eval(args)
     if args.command == "sft":
         return _sft(args)
+    if args.command == "sample":
+        from r1_train.sample import cli_main as sample_main
+
+        return sample_main(args)
+    if args.command == "distill":
+        return _distill(args)
     if args.command == "plot":
         from r1_train.metrics import plot_run
 

