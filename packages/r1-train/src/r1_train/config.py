@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from r1_train.eval_section import EvalSection
+from r1_train.eval_section import EvalSection, check_periodic_eval
 from r1_train.grpo_options import (
     AdvantageScale,
     ImportanceSamplingLevel,
@@ -388,15 +388,7 @@ class TrainConfig(_Strict):
                 "cluster.* starts its own vLLM engines as Ray actors; set rollout.engine to "
                 "'vllm' (rollout.server_url is for one server on this host)"
             )
-        if self.run.eval_every and self.eval is None:
-            raise ValueError(
-                f"run.eval_every ({self.run.eval_every}) needs an eval section, e.g. "
-                "eval: {benchmark: tasks, samples: 1}"
-            )
-        if self.eval is not None and self.eval.completions is not None:
-            raise ValueError(
-                "eval.completions scores fixed samples, not the model being trained; remove it"
-            )
+        check_periodic_eval("run.eval_every", self.run.eval_every, self.eval)
         if self.run.eval_every and self.run.mode == "async":
             raise ValueError(
                 "run.eval_every evaluates between synchronous steps; with run.mode 'async' set "

@@ -51,3 +51,17 @@ class EvalSection(_Strict):
         if self.completions is not None and not self.completions.is_file():
             raise ValueError(f"eval.completions {str(self.completions)!r} does not exist")
         return self
+
+
+def check_periodic_eval(field: str, every: int, section: EvalSection | None) -> None:
+    """The rules of evaluating the model being trained every ``every`` steps (``field``:
+    ``run.eval_every`` or ``sft.eval_every``): it needs an ``eval`` section, and that section
+    must sample the model, not score a fixed file."""
+    if every and section is None:
+        raise ValueError(
+            f"{field} ({every}) needs an eval section, e.g. eval: {{benchmark: tasks, samples: 1}}"
+        )
+    if section is not None and section.completions is not None:
+        raise ValueError(
+            "eval.completions scores fixed samples, not the model being trained; remove it"
+        )

@@ -38,6 +38,16 @@ def tool_instructions(agent: AgentConfig) -> str:
     )
 
 
+def chat_messages(task: Task, agent: AgentConfig) -> list[dict[str, str]]:
+    """The chat template's messages for ``task``: what the model is prompted with, and what an
+    SFT row of its answer must hold (``r1-train sample``)."""
+    hint = ANSWER_HINT[task.type] + tool_instructions(agent)
+    return [
+        {"role": "system", "content": f"You are a helpful assistant. {hint}"},
+        {"role": "user", "content": task.prompt},
+    ]
+
+
 def render_prompt(task: Task, template: Template, agent: AgentConfig, tokenizer: Any) -> str:
     """The text the engine continues for ``task``; ends where the model starts writing."""
     hint = ANSWER_HINT[task.type] + tool_instructions(agent)
@@ -45,10 +55,7 @@ def render_prompt(task: Task, template: Template, agent: AgentConfig, tokenizer:
         return f"{task.prompt}\n{hint}\n"
     if template == "r1_zero":
         return f"{R1_ZERO}{tool_instructions(agent)}\nUser: {task.prompt} {hint}\nAssistant:"
-    messages = [
-        {"role": "system", "content": f"You are a helpful assistant. {hint}"},
-        {"role": "user", "content": task.prompt},
-    ]
+    messages = chat_messages(task, agent)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "task.template 'chat' needs a tokenizer with a chat template; this model has none "

@@ -191,18 +191,14 @@ def prompt_messages(
     if cfg.task.template != "chat":
         return [{"role": "user", "content": rendered}]
     from r1_train.config import AgentConfig
-    from r1_train.prompts import ANSWER_HINT, tool_instructions
+    from r1_train.prompts import chat_messages
 
-    hint = ANSWER_HINT[task.type] + tool_instructions(AgentConfig())
-    messages = [
-        {"role": "system", "content": f"You are a helpful assistant. {hint}"},
-        {"role": "user", "content": task.prompt},
-    ]
+    messages = chat_messages(task, AgentConfig())
     again = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if again != rendered:  # r1_train.prompts changed its chat prompt: these rows would lie
         raise RuntimeError(
             f"the SFT row's messages for task {task.id!r} do not render to the prompt the "
-            "teacher saw; update r1_train.sample.prompt_messages to match r1_train.prompts"
+            "teacher saw (a tokenizer whose chat template is not a function of the messages)"
         )
     return messages
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from r1_train.config import ModelConfig, OptimConfig, RolloutConfig, RunConfig, TaskConfig
-from r1_train.eval_section import EvalSection
+from r1_train.eval_section import EvalSection, check_periodic_eval
 from r1_train.evaluate import EvalConfig
 from r1_train.subconfig import load_subconfig, section_defaults
 
@@ -87,15 +87,7 @@ class SFTConfig(_Strict):
 
     @model_validator(mode="after")
     def _eval(self) -> SFTConfig:
-        if self.sft.eval_every and self.eval is None:
-            raise ValueError(
-                f"sft.eval_every ({self.sft.eval_every}) needs an eval section, e.g. "
-                "eval: {benchmark: humaneval, samples: 1}"
-            )
-        if self.eval is not None and self.eval.completions is not None:
-            raise ValueError(
-                "eval.completions scores fixed samples, not the model being trained; remove it"
-            )
+        check_periodic_eval("sft.eval_every", self.sft.eval_every, self.eval)
         return self
 
     def eval_config(self) -> EvalConfig:
