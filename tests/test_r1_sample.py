@@ -177,7 +177,7 @@ def test_more_prompt_tokens_than_one_step_holds(teacher, tmp_path) -> None:
     _, _, requests = plan(cfg, teacher.tokenizer)
     assert sum(len(r.prompt_ids) for r in requests) > PREFILL_BUDGET
     short = [dataclasses.replace(r, max_new_tokens=8) for r in requests]
-    gens = generate_whole_prompts(teacher.engine, short)
+    gens = generate_whole_prompts(teacher.engine._generate, short)
     assert len(gens) == len(requests) == 128
     assert all(1 <= len(g.token_ids) <= 8 for g in gens)
     # the engine itself cuts such a call on CPU (a GRPO step of this shape sends it one)

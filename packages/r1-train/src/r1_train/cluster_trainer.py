@@ -58,7 +58,6 @@ class ClusterTrainer(Trainer):
     def _make_policy(self, model_cfg: ModelConfig, resume_from: Path | None) -> RankGroup:
         import ray
         import torch
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         c = self.cluster
         t = c.trainer
@@ -74,14 +73,9 @@ class ClusterTrainer(Trainer):
         self.roles.append(role)
         actor = ray.remote(TrainerRank)
         ranks = [
-            actor.options(
-                num_cpus=t.num_cpus,
-                num_gpus=t.num_gpus,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    role.group, placement_group_bundle_index=i
-                ),
-            ).remote(i, t.ranks, self.cfg)
+            actor.options(**role.actor_options(i, t.num_cpus, t.num_gpus)).remote(
+                i, t.ranks, self.cfg
+            )
             for i in range(t.ranks)
         ]
         self._actors += ranks
@@ -101,7 +95,6 @@ class ClusterTrainer(Trainer):
 
     def _make_engine(self, model_cfg: ModelConfig, resume_from: Path | None) -> RolloutEngine:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         c = self.cluster
         r = c.rollout
@@ -120,14 +113,9 @@ class ClusterTrainer(Trainer):
         dtype = "bfloat16" if self.policy.dtype == torch.bfloat16 else "float32"
         actor = ray.remote(EngineWorker)
         workers = [
-            actor.options(
-                num_cpus=r.num_cpus,
-                num_gpus=r.num_gpus,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    role.group, placement_group_bundle_index=i
-                ),
-            ).remote(i, str(model_cfg.path), self.cfg.rollout, self.cfg.run.seed, dtype)
+            actor.options(**role.actor_options(i, r.num_cpus, r.num_gpus)).remote(
+                i, str(model_cfg.path), self.cfg.rollout, self.cfg.run.seed, dtype
+            )
             for i in range(r.engines)
         ]
         self._actors += workers

@@ -407,37 +407,50 @@ class ConfigError(ValueError):
     """A bad config: the message lists every bad field with its rule."""
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """A config file's mapping (empty without a file); every way it can be unreadable is a
+    :class:`ConfigError` naming the file. Shared by every command's loader."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top")
+    return loaded or {}
+
+
+def apply_override(tree: dict[str, Any], item: str) -> None:
+    """Set ``section.field=value`` (the value parsed as YAML) in ``tree``, in place."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    *parents, leaf = key.strip().split(".")
     node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
+    for name in parents:
+        child = node.setdefault(name, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+            raise ConfigError(f"override {item!r}: {name!r} is a value, not a section")
         node = child
-    node[keys[-1]] = value
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({exc.problem}); quote "
+            "strings that start with * or & (e.g. '[\"*.q_proj.*\"]')"
+        ) from None
 
 
 def load_config(
     path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainConfig:
     """YAML file, then ``a.b=value`` overrides (values parsed as YAML), then validation."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top")
-        tree = loaded or {}
+    tree = read_config_file(path)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        apply_override(tree, item)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:

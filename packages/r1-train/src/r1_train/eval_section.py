@@ -65,3 +65,9 @@ def check_periodic_eval(field: str, every: int, section: EvalSection | None) -> 
         raise ValueError(
             "eval.completions scores fixed samples, not the model being trained; remove it"
         )
+
+
+def eval_due(step: int, every: int, steps: int) -> bool:
+    """Whether ``*.eval_every`` evaluates after ``step`` (0-based): every ``every`` steps and
+    after the last; never with ``every`` 0."""
+    return bool(every) and ((step + 1) % every == 0 or step + 1 == steps)

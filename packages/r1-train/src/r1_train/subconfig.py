@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from r1_train.config import ConfigError
+from r1_train.config import ConfigError, apply_override, read_config_file
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -26,35 +25,9 @@ def load_subconfig(
 ) -> M:
     """``model`` from YAML (sections it does not have are dropped) and ``a.b=value``
     overrides (parsed as YAML; unknown ones refused), with every bad field listed."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top")
-        tree = {k: v for k, v in (loaded or {}).items() if k in model.model_fields}
+    tree = {k: v for k, v in read_config_file(path).items() if k in model.model_fields}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.field=value")
-        node = tree
-        *parents, leaf = key.strip().split(".")
-        for name in parents:
-            child = node.setdefault(name, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {name!r} is a value, not a section")
-            node = child
-        try:
-            node[leaf] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"override {item!r}: the value is not valid YAML ({exc.problem}); quote "
-                "strings that start with * or & (e.g. '[\"*.q_proj.*\"]')"
-            ) from None
+        apply_override(tree, item)
     try:
         return model.model_validate(tree)
     except ValidationError as exc:

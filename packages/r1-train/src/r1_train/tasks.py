@@ -14,13 +14,14 @@ one object per row::
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from r1_train.jsonl import field_errors, json_rows
 
 if TYPE_CHECKING:
     from r1_train.config import TaskConfig
@@ -163,15 +164,9 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
         return [dict(r) for r in pq.read_table(path).to_pylist()]
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TaskDataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    for n, row in json_rows(path, TaskDataError):
         if not isinstance(row, dict):
-            raise TaskDataError(f"{path}:{n}: each line must be a JSON object")
+            raise TaskDataError(f"{path}: row {n}: each line must be a JSON object")
         rows.append(row)
     return rows
 
@@ -186,10 +181,7 @@ def load_tasks(path: Path) -> list[Task]:
         try:
             tasks.append(Task.model_validate(row))
         except ValidationError as exc:
-            bad = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors()
-            )
-            raise TaskDataError(f"{path}: row {n}: {bad}") from None
+            raise TaskDataError(f"{path}: row {n}: {field_errors(exc)}") from None
     if not tasks:
         raise TaskDataError(f"{path}: no tasks in the file")
     return tasks

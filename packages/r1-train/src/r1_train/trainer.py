@@ -33,6 +33,7 @@ from opentelemetry import trace
 from r1_train.agent_loop import Trajectory, rollout
 from r1_train.checkpoint import latest_checkpoint, next_step, restore_trainer_state, save_checkpoint
 from r1_train.config import ModelConfig, TrainConfig
+from r1_train.eval_section import eval_due
 from r1_train.evaluate import EvalConfig
 from r1_train.metrics import SAMPLES_FILE, MetricsWriter, trim_step_logs
 from r1_train.policy import Policy, make_batch
@@ -40,8 +41,8 @@ from r1_train.prompts import render_prompt
 from r1_train.rewards import score_all
 from r1_train.rollout import OpenAIServerEngine, RolloutEngine, VLLMEngine
 from r1_train.services import services
-from r1_train.step import StepResult, build_tasks, select_for_training, tasks_for_step
-from r1_train.tasks import Task, check_prompt_lengths
+from r1_train.step import StepResult, select_for_training, tasks_for_step
+from r1_train.tasks import Task, check_prompt_lengths, tasks_of
 from tangram_core import semconv as sc
 
 _tracer = trace.get_tracer("r1_train")
@@ -107,7 +108,7 @@ class Trainer:
             self.start_step = next_step(resume_from)
             model_cfg = ModelConfig(path=resume_from, dtype=cfg.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_cfg.path)
-        self.tasks = build_tasks(cfg)
+        self.tasks = tasks_of(cfg.task)
         # before the policy and the engine start: a prompt too long for the context must fail
         # here, naming its file and row, not when a step first samples it
         check_prompt_lengths(
@@ -137,7 +138,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.run.eval_every or cfg.eval is None:
             return None
-        from r1_train.evaluate import prompts_of, requests_for
+        from r1_train.evaluate import check_prompts_fit
 
         eval_cfg = EvalConfig(
             model=cfg.model,
@@ -146,13 +147,8 @@ class Trainer:
             eval=cfg.eval,
             seed=cfg.run.seed,
         )
-        names, prompts, stop = prompts_of(eval_cfg, self.tokenizer)
-        requests_for(self.tokenizer, prompts, eval_cfg, stop=stop, names=names)
+        check_prompts_fit(eval_cfg, self.tokenizer)
         return eval_cfg
-
-    def eval_due(self, step: int) -> bool:
-        every = self.cfg.run.eval_every
-        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.cfg.run.steps)
 
     async def evaluate(self, orch: Any, step: int) -> dict[str, float]:
         """The engine's weights after ``step`` (the update was published to it) scored by
@@ -262,7 +258,7 @@ class Trainer:
                 update = await self.update_and_publish(kept, step, clock, self._sync_engine)
                 self.version += 1
             scores: dict[str, float] = {}
-            if self.eval_due(step):
+            if eval_due(step, cfg.run.eval_every, cfg.run.steps):
                 t0 = time.perf_counter()
                 scores = await self.evaluate(orch, step)
                 clock["eval"] = time.perf_counter() - t0

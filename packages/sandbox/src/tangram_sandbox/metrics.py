@@ -41,6 +41,8 @@ def _observe_workers(_options: CallbackOptions) -> Iterable[Observation]:
 
 
 def _make() -> dict[str, Any]:
+    if _instruments:  # every run passes here: no lock once the instruments exist
+        return _instruments
     with _lock:
         if not _instruments:
             meter = get_meter()

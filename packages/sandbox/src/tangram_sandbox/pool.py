@@ -47,7 +47,7 @@ from tangram_sandbox.models import (
     RunTestsResult,
     TestVerdict,
 )
-from tangram_sandbox.verdicts import judge, merge_shares, not_compiled, tests_result, to_result
+from tangram_sandbox.verdicts import judge, merge_shares, not_compiled, run_tests_result, to_result
 from tangram_sandbox.worker import SlotLeases, WorkerDied, ZygoteWorker
 
 __all__ = ["QueueFull", "SandboxPool", "SandboxUnavailable"]
@@ -439,11 +439,13 @@ class SandboxPool:
                     compiled = await self._talk.batch_tests(worker, req, limits, verdicts)
                     if compiled is not None:
                         return not_compiled(compiled, total, wait)
-                    if req.stop_on_first_failure:
-                        first_bad = next((v.index for v in verdicts if not v.passed), None)
-                        if first_bad is not None:
-                            del verdicts[first_bad + 1 :]
-                    return tests_result(verdicts, total, wait, started)
+                    return run_tests_result(
+                        verdicts,
+                        total,
+                        wait,
+                        time.monotonic() - started,
+                        stop_on_first_failure=req.stop_on_first_failure,
+                    )
                 jobs = [self._talk.test_frames(req, limits, t) for t in req.tests]
                 pipelined = not req.stop_on_first_failure
                 end = wire.encode_json({"op": "fetch", "names": []})
@@ -481,7 +483,7 @@ class SandboxPool:
                     queue_wait_s=wait,
                     wall_s=time.monotonic() - started,
                 )
-        return tests_result(verdicts, total, wait, started)
+        return run_tests_result(verdicts, total, wait, time.monotonic() - started)
 
 
 def _annotate(

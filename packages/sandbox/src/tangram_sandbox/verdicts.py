@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from typing import Any
 
 from tangram_sandbox.languages import out_of_memory
@@ -150,9 +149,20 @@ def judge(
     )
 
 
-def tests_result(
-    verdicts: list[TestVerdict], total: int, wait: float, started: float
+def run_tests_result(
+    verdicts: list[TestVerdict],
+    total: int,
+    wait: float,
+    wall_s: float,
+    *,
+    stop_on_first_failure: bool = False,
 ) -> RunTestsResult:
+    """The result of tests that ran; with early stop, the verdicts after the first failure are
+    dropped (a batch process or a parallel share may have run past it)."""
+    if stop_on_first_failure:
+        first_bad = next((i for i, v in enumerate(verdicts) if not v.passed), None)
+        if first_bad is not None:
+            verdicts = verdicts[: first_bad + 1]
     passed = sum(v.passed for v in verdicts)
     return RunTestsResult(
         status=RunStatus.OK,
@@ -161,7 +171,7 @@ def tests_result(
         pass_fraction=passed / total,
         verdicts=verdicts,
         queue_wait_s=wait,
-        wall_s=time.monotonic() - started,
+        wall_s=wall_s,
     )
 
 
@@ -185,17 +195,6 @@ def merge_shares(
         for part, lo in zip(parts, bounds, strict=False)
         for v in part.verdicts
     ]
-    if stop_on_first_failure:
-        first_bad = next((i for i, v in enumerate(verdicts) if not v.passed), None)
-        if first_bad is not None:
-            del verdicts[first_bad + 1 :]
-    passed = sum(v.passed for v in verdicts)
-    return RunTestsResult(
-        status=RunStatus.OK,
-        passed=passed,
-        total=total,
-        pass_fraction=passed / total,
-        verdicts=verdicts,
-        queue_wait_s=wait,
-        wall_s=wall,
+    return run_tests_result(
+        verdicts, total, wait, wall, stop_on_first_failure=stop_on_first_failure
     )

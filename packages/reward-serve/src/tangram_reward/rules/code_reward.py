@@ -66,10 +66,6 @@ _ALIASES: dict[str, Language] = {
 }
 
 
-#: The name this module used before tangram-core's :class:`Submitter`; kept for callers.
-ActionSubmitter = Submitter
-
-
 def _sandbox() -> ModuleType:
     """:mod:`tangram_sandbox.actions`, or an error that says what to install."""
     try:
