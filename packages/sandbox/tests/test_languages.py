@@ -513,6 +513,12 @@ def test_the_program_runs_as_the_slot_uid(sandbox: Pool, language: str) -> None:
     slots = {w.slot.uid for w in pool._workers}
 
     async def watch() -> tuple[RunResult, set[int]]:
+        # The warm-up's process finishes dying just after its answer (the zygote answers at
+        # its exit_group, see zygote._Zygote._watch): let it go before watching.
+        for _ in range(200):
+            if not _running(exe, slots):
+                break
+            await asyncio.sleep(0.01)
         task = asyncio.ensure_future(
             pool.run(code=PROBES[language], language=language, stdin="sleep", limits=SMALL)
         )

@@ -7,9 +7,13 @@ Every wrapper raises ``OSError`` with the errno, so callers report *which* layer
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
 import platform
+import struct
+from typing import NamedTuple
 
 __all__ = [
     "CLONE_NEWIPC",
@@ -18,11 +22,15 @@ __all__ = [
     "CLONE_NEWPID",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
+    "ExitNotice",
     "SeccompProgram",
     "bind_writable",
+    "install_listener",
     "install_seccomp",
     "make_rprivate",
     "mount",
+    "notice_continue",
+    "notice_recv",
     "remount_tree_readonly",
     "set_dumpable",
     "set_no_new_privs",
@@ -59,6 +67,15 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+_SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+# _IOWR('!', 0, struct seccomp_notif) and _IOWR('!', 1, struct seccomp_notif_resp)
+_NOTIF_RECV = 0xC0502100
+_NOTIF_SEND = 0xC0182101
+_NOTIF = struct.Struct("=QII iIQ6Q")  # id, pid, flags, seccomp_data{nr, arch, ip, args[6]}
+_NOTIF_RESP = struct.Struct("=QqiI")  # id, val, error, flags
 
 # The interpreter's own symbols include libc. (ctypes.util.find_library would run ldconfig
 # and pull subprocess and friends into the zygote, whose every page each fork copies.)
@@ -194,11 +211,60 @@ class SeccompProgram:
         self._buf = ctypes.create_string_buffer(program, len(program))
         self._prog = _Fprog(len(program) // 8, ctypes.cast(self._buf, ctypes.c_void_p).value)
 
+    @property
+    def address(self) -> int:
+        """Where the ``struct sock_fprog`` lives, for ``seccomp(2)``."""
+        return ctypes.addressof(self._prog)
+
     def install(self) -> None:
-        res = _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._prog), 0, 0)
+        res = _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self.address, 0, 0)
         _check(res, "prctl(PR_SET_SECCOMP)")
 
 
 def install_seccomp(program: bytes) -> None:
     """Install a classic-BPF seccomp filter, given as packed ``struct sock_filter`` entries."""
     SeccompProgram(program).install()
+
+
+def install_listener(program: SeccompProgram) -> int:
+    """Install ``program`` with a user-notification listener; the listener's fd.
+
+    Needs no_new_privs (or CAP_SYS_ADMIN); fails with ``EBUSY`` where a filter of this task
+    already has a listener."""
+    nr = _SYS_SECCOMP.get(platform.machine())
+    if nr is None:
+        raise OSError(0, f"seccomp: no syscall number for {platform.machine()}")
+    fd = _libc.syscall(
+        ctypes.c_long(nr),
+        ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+        ctypes.c_uint(_SECCOMP_FILTER_FLAG_NEW_LISTENER),
+        ctypes.c_void_p(program.address),
+    )
+    _check(fd, "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER)")
+    return int(fd)
+
+
+class ExitNotice(NamedTuple):
+    """One held system call: its notification id, the caller's pid (tid) as this process's
+    pid namespace sees it, and the call's first argument (``exit_group``'s status)."""
+
+    id: int
+    pid: int
+    nr: int
+    arg0: int
+
+
+def notice_recv(listener: int) -> ExitNotice:
+    """Take the pending notification off ``listener`` (``ENOENT``: its caller died first)."""
+    buf = bytearray(_NOTIF.size)  # the kernel wants it zeroed
+    fcntl.ioctl(listener, _NOTIF_RECV, buf, True)
+    nid, pid, _flags, nr, _arch, _ip, arg0, *_ = _NOTIF.unpack(buf)
+    return ExitNotice(nid, pid, nr, arg0)
+
+
+def notice_continue(listener: int, notice_id: int) -> None:
+    """Let the held call proceed as if no filter had stopped it; a caller that died since
+    (``ENOENT``) needs nothing."""
+    resp = bytearray(_NOTIF_RESP.pack(notice_id, 0, 0, _SECCOMP_USER_NOTIF_FLAG_CONTINUE))
+    with contextlib.suppress(FileNotFoundError):
+        fcntl.ioctl(listener, _NOTIF_SEND, resp, True)

@@ -20,7 +20,13 @@ import errno
 import platform
 import struct
 
-__all__ = ["DENIED_SYSCALLS", "NAMESPACE_CLONE_FLAGS", "build_filter", "supported"]
+__all__ = [
+    "DENIED_SYSCALLS",
+    "NAMESPACE_CLONE_FLAGS",
+    "build_exit_notifier",
+    "build_filter",
+    "supported",
+]
 
 # BPF opcodes (linux/bpf_common.h) and seccomp return values (linux/seccomp.h).
 _LD_W_ABS = 0x20
@@ -31,6 +37,7 @@ _RET_K = 0x06
 _RET_ALLOW = 0x7FFF0000
 _RET_KILL_PROCESS = 0x80000000
 _RET_ERRNO = 0x00050000
+_RET_USER_NOTIF = 0x7FC00000
 
 _AF_UNIX = 1
 _X32_SYSCALL_BIT = 0x40000000
@@ -89,6 +96,7 @@ _NUMBERS: dict[str, tuple[int, int]] = {
 _SOCKET = (41, 198)
 _CLONE = (56, 220)
 _CLONE3 = (435, 435)
+_EXIT_GROUP = (231, 94)
 _ARCH = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}
 
 #: Syscalls denied outright (``socket`` and ``clone`` are denied by argument, see module doc).
@@ -165,6 +173,32 @@ def build_filter(machine: str | None = None) -> bytes:
         _ins(_LD_W_ABS, 0, 0, 16),
         _ins(_JSET_K, 0, 1, NAMESPACE_CLONE_FLAGS),
         _ins(_RET_K, 0, 0, deny_eperm),
+        _ins(_RET_K, 0, 0, _RET_ALLOW),
+    ]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in out)
+
+
+def build_exit_notifier(machine: str | None = None) -> bytes:
+    """A filter that hands ``exit_group`` to a supervisor (``SECCOMP_RET_USER_NOTIF``) and
+    allows everything else; installed on top of :func:`build_filter`'s.
+
+    Why: a process's end is reported by the kernel only after it has torn down its address
+    space, which for a fork of the warm zygote (~15 MB mapped) is about half a millisecond,
+    a third of a warm run. The notification comes from the kernel when the program calls
+    ``exit_group``, before any teardown, with the exit status in its first argument: as
+    trustworthy as ``wait4`` (a program cannot forge one), so the zygote can answer first and
+    let the process finish dying afterwards. Deaths by signal make no ``exit_group`` call and
+    are seen the usual way."""
+    machine = machine or platform.machine()
+    if machine not in _ARCH:
+        raise ValueError(f"seccomp: no syscall table for {machine!r} (have {sorted(_ARCH)})")
+    col, audit_arch = _ARCH[machine]
+    out = [
+        _ins(_LD_W_ABS, 0, 0, 4),  # A = arch
+        _ins(_JEQ_K, 0, 3, audit_arch),  # a foreign one: allow here (the deny-list kills it)
+        _ins(_LD_W_ABS, 0, 0, 0),  # A = nr
+        _ins(_JEQ_K, 0, 1, _EXIT_GROUP[col]),
+        _ins(_RET_K, 0, 0, _RET_USER_NOTIF),
         _ins(_RET_K, 0, 0, _RET_ALLOW),
     ]
     return b"".join(struct.pack("=HBBI", *ins) for ins in out)

@@ -18,8 +18,17 @@ zygote would not copy the ~260 pages it writes per job after each fork, was meas
 zygote's CPU per job fell from 1.4 to 0.45 ms, but on 2 cores the extra process and the
 relayed exit status cost more than that, 15% fewer executions per second, and no lower
 latency; see the sandbox bench notes.) P is pid 1 of its namespace, so its death
-takes every process it started with it (daemons, fork bombs). The next spare forks while the
-current program runs, so a request never waits for a fork or for isolation set-up.
+takes every process it started with it (daemons, fork bombs).
+
+What a request waits for, and what it does not: a spare is forked and set up before its job
+exists, so a request never waits for a fork or for isolation set-up. The answer goes out when
+the kernel reports the program's ``exit_group``, before P tears its address space down (see
+:meth:`_Zygote._watch`); that teardown (about half a millisecond for a fork of this
+interpreter), the release of the program's mount namespace and the next spare's fork all
+happen after the answer. (Forked while the program ran, the spare took a core from the
+program and the pool on a 2-core machine. Walking the job's path once in the spare, to take
+its copy-on-write faults before the job came, was measured too: lower p10, higher p50, since
+on 2 cores a run of warm executions is bound by their total CPU, about 4 ms each.)
 
 Why the zygote never holds an execution's data: each P is a fork of the zygote and can read
 its own memory, so whatever passed through the zygote's heap would be visible to every later
@@ -301,6 +310,10 @@ class _Spare:
         }
         self.pid = os.fork()
         if self.pid == 0:
+            if z.listener is not None:
+                # Only the zygote may hold it: a process that holds the listener it would be
+                # stopped at waits for itself (a spare failing to start would hang forever).
+                os.close(z.listener)
             spare_main(z.cfg, fds)
         for fd in (out_w, err_w, side_w, go_r, status_w):
             os.close(fd)
@@ -328,7 +341,7 @@ class _Spare:
 
 
 class _Zygote:
-    def __init__(self, sock: socket.socket, cfg: dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, cfg: dict[str, Any], listener: int | None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.cfg = cfg
@@ -343,6 +356,10 @@ class _Zygote:
         self.compile_failed = False
         self.ooms = _read_cgroup_counter(cfg, "oom_kill")  # the slot's OOM kills so far
         self.held = b""  # a job's end frame, held to go out with the fetch that follows
+        # the exit notifier's listener (see _watch), and the (notification id, pid) of the P
+        # it holds in exit_group until the request is answered
+        self.listener = listener
+        self.exiting: tuple[int, int] | None = None
 
     # -- frames -------------------------------------------------------------------------------
 
@@ -358,8 +375,14 @@ class _Zygote:
     # -- the loop -----------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self.spare = _Spare(self)
         while True:
+            if not self.held:
+                # Once this request is answered, off its critical path: the last P finishes
+                # dying, and the next spare forks (forked while the program ran, it took a
+                # core from the program and from the pool on a 2-core machine).
+                self._release_exited()
+                if self.spare is None:
+                    self.spare = _Spare(self)
             self._reap()
             head = wire.read_typed_header(self.fd)
             if head is None:
@@ -370,6 +393,7 @@ class _Zygote:
             msg = wire.read_json_body(self.fd, size)
             if msg["op"] != "fetch":
                 self.flush()
+                self._release_exited()
             if msg["op"] == "job":
                 self._job(msg)
             elif msg["op"] == "fetch":
@@ -423,7 +447,6 @@ class _Zygote:
         except BrokenPipeError:  # P died setting up: drop the rest, its side channel says why
             pass
         os.close(spare.go)
-        self.spare = _Spare(self)  # forks now, while the program runs on the other core
         end = self._watch(spare, limits, start, usage_before)
         if self.last_files is not None:
             self.last_files.close()
@@ -448,7 +471,15 @@ class _Zygote:
 
         ``poll(2)`` on a handful of descriptors, not ``selectors``: one syscall per wait and
         no selector object per job (each object the zygote makes after a fork is a page it
-        copies)."""
+        copies).
+
+        P's end is seen one of two ways. Every process forked from here inherits the exit
+        notifier (see :func:`tangram_sandbox.seccomp.build_exit_notifier`): when P calls
+        ``exit_group``, the kernel stops it there and tells us, before P has torn anything
+        down. Everything P wrote is in its pipes by then, so we take that, answer, and let P
+        go on dying after the answer (:meth:`_release_exited`). The exits of P's children and
+        threads are let through at once. Where there is no notifier, or when P dies by a
+        signal, its pidfd says so once it is gone."""
         cap = int(limits["output_bytes"])
         room = {wire.STDOUT: cap, wire.STDERR: cap, wire.SIDE: wire.MAX_FRAME // 4}
         truncated = {wire.STDOUT: False, wire.STDERR: False, wire.SIDE: False}
@@ -465,7 +496,13 @@ class _Zygote:
         wall = float(limits["wall_s"])
         deadline = start + _SETUP_S + wall
         timed_out = False
-        status: int | None = None
+        status: int | None = None  # P's wait status, once reaped
+        exit_code: int | None = None  # P's exit_group status, from the listener
+        listener = self.listener
+        if listener is not None:
+            watched.add(listener)
+            poller.register(listener, select.POLLIN)
+        cpu = 0.0
         rss_kb = 0
         end = start
 
@@ -474,8 +511,30 @@ class _Zygote:
             watched.discard(fd)
             os.close(fd)
 
+        def forward(fd: int) -> bool:
+            """Move what P's stream ``fd`` holds to the pool, within its cap; False at its end
+            (or the side channel over its cap)."""
+            kind = kinds[fd]
+            n = _available(fd)
+            take = min(n, room[kind])
+            if take:
+                wire.write_all(self.fd, wire.TYPED_HEADER.pack(kind, take))
+                _splice_exact(fd, self.fd, take)
+                room[kind] -= take
+            if n and take == n:
+                return True
+            if n and kind != wire.SIDE:
+                # Over the cap: keep the first bytes, drop the rest, and let the program
+                # run on (as SandboxFusion does): a broken pipe would fail a program whose
+                # only fault is talking too much.
+                truncated[kind] = True
+                _splice_exact(fd, self.null_w, n - take)
+                return True
+            truncated[kind] = truncated[kind] or bool(n)
+            return False
+
         while watched:
-            waiting = status is None and not timed_out
+            waiting = status is None and exit_code is None and not timed_out
             wait_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000) if waiting else None
             events = poller.poll(wait_ms)
             if not events and waiting:
@@ -485,11 +544,16 @@ class _Zygote:
                 continue
             # P's status first: a program that starts and ends within one wait is seen started
             for fd, _ in sorted(events, key=lambda e: e[0] != spare.status):
+                if fd not in watched:
+                    continue  # let go of earlier in this round
                 if fd == pidfd:
                     _, status, usage = os.wait4(spare.pid, 0)
                     end = end if timed_out else time.monotonic()
                     rss_kb = usage.ru_maxrss
                     done_with(pidfd)
+                    if listener is not None:  # ours, held for the next job
+                        poller.unregister(listener)
+                        watched.discard(listener)
                     _kill(spare.pid)
                     continue
                 if fd == spare.status:  # ours, not the program's: closed before its code runs
@@ -503,27 +567,32 @@ class _Zygote:
                         continue
                     done_with(fd)
                     continue
-                kind = kinds[fd]
-                n = _available(fd)
-                take = min(n, room[kind])
-                if take:
-                    wire.write_all(self.fd, wire.TYPED_HEADER.pack(kind, take))
-                    _splice_exact(fd, self.fd, take)
-                    room[kind] -= take
-                if n and take == n:
-                    continue
-                if n and kind != wire.SIDE:
-                    # Over the cap: keep the first bytes, drop the rest, and let the program
-                    # run on (as SandboxFusion does): a broken pipe would fail a program whose
-                    # only fault is talking too much.
-                    truncated[kind] = True
-                    _splice_exact(fd, self.null_w, n - take)
-                    continue
-                # End of stream (or the side channel over its cap): stop reading.
-                truncated[kind] = truncated[kind] or bool(n)
-                done_with(fd)
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
+                if fd == listener:
+                    try:
+                        notice = _sys.notice_recv(fd)
+                    except OSError:
+                        continue  # its caller died first: P's pidfd tells
+                    if notice.pid != spare.pid or not started or timed_out:
+                        _sys.notice_continue(fd, notice.id)  # a child's or a thread's exit
+                        continue
+                    exit_code, end = notice.arg0 & 0xFF, time.monotonic()
+                    cpu, rss_kb = _usage_of(spare.pid)
+                    for stream in [f for f in kinds if f in watched]:
+                        forward(stream)  # all that P wrote; what its children add is lost
+                        done_with(stream)
+                    for other in (pidfd, spare.status):
+                        if other in watched:
+                            done_with(other)
+                    poller.unregister(fd)
+                    watched.discard(fd)
+                    self.exiting = (notice.id, spare.pid)
+                    break
+                if not forward(fd):
+                    done_with(fd)
+        if exit_code is None:
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = usage.ru_utime - usage_before.ru_utime + usage.ru_stime - usage_before.ru_stime
+            exit_code = os.waitstatus_to_exitcode(status) if status is not None else None
         # One read of the memory controller's OOM count per job, against the last one: only
         # this slot's processes are in its cgroup, and only a job runs code there.
         ooms = _read_cgroup_counter(self.cfg, "oom_kill")
@@ -549,7 +618,7 @@ class _Zygote:
         return {
             **extra,
             "type": "end",
-            "exit_code": os.waitstatus_to_exitcode(status) if status is not None else None,
+            "exit_code": exit_code,
             "timed_out": timed_out,
             "oom_killed": oom_killed,
             "stdout_truncated": truncated[wire.STDOUT],
@@ -558,6 +627,22 @@ class _Zygote:
             "cpu_s": cpu,
             "max_rss_mb": rss_kb / 1024.0,
         }
+
+    def _release_exited(self) -> None:
+        """Let the last P finish its ``exit_group`` (held since :meth:`_watch` saw it), and
+        wait until it is gone: its memory and pids leave the slot's cgroup, and its IPC
+        namespace goes, before another program of this worker starts."""
+        if self.exiting is None or self.listener is None:
+            return
+        notice_id, pid = self.exiting
+        self.exiting = None
+        _sys.notice_continue(self.listener, notice_id)
+        # And SIGKILL: a signal that reaches P while it waits (a Go runtime's preemption
+        # signal, say) restarts its exit_group as a new notification, which nobody reads
+        # now. Its result is sent; all that is left of it is dying.
+        _kill(pid)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
     # -- compiled programs --------------------------------------------------------------------
 
@@ -617,13 +702,16 @@ class _Zygote:
                         wire.write_all(self.fd, bytes(take - sent))
                 finally:
                     os.close(fd)
-            self.last_files.close()
-            self.last_files = None
         else:
             for name in names:
                 self.send({"type": "file", "name": name, "error": "no program ran"})
         self.binary, self.compile_failed = None, False
         self.send({"type": "fetched"})
+        if self.last_files is not None:
+            # After the answer: the last reference to the program's mount namespace goes, and
+            # its teardown waits for an (expedited) RCU grace period.
+            self.last_files.close()
+            self.last_files = None
 
 
 def _open_beneath(work: int, name: str) -> tuple[int | None, str | None]:
@@ -663,6 +751,29 @@ def _sendfile_all(out_fd: int, in_fd: int, n: int) -> int:
             break
         offset += sent
     return offset
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _usage_of(pid: int) -> tuple[float, int]:
+    """CPU seconds (its own, and its reaped children's) and peak RSS in KiB of a process that
+    is still alive, as ``wait4`` would report them once it is gone."""
+    cpu = 0.0
+    with contextlib.suppress(OSError):
+        cpu = time.clock_gettime(((~pid) << 3) | 2)  # the process's CPUCLOCK_SCHED clock
+    rss_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # after the name, which the program may set to anything (so: the last ')')
+            fields = f.read().rsplit(b")", 1)[1].split()
+        cpu += (int(fields[13]) + int(fields[14])) / _CLK_TCK  # cutime, cstime
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    rss_kb = int(line.split()[1])
+                    break
+    return cpu, rss_kb
 
 
 #: The most P's own set-up (inputs, limits) may take before the program starts.
@@ -781,8 +892,28 @@ def main() -> None:
         _own_pid_namespace()
     cfg["cache_fd"] = os.open(cfg["cache_dir"], os.O_RDONLY | os.O_DIRECTORY)
     cfg["apply"]["mount_ns"] = layers.get("mount_ns") is True
-    zygote = _Zygote(sock, cfg)
+    listener = _exit_listener()
+    zygote = _Zygote(sock, cfg, listener)
     zygote.send({"type": "ready", "pid": os.getpid(), "layers": layers})
     gc.freeze()  # keep the collector from touching (and so copying) inherited pages in forks
-    with contextlib.suppress(wire.FrameError, BrokenPipeError, ConnectionResetError):
-        zygote.serve()
+    try:
+        with contextlib.suppress(wire.FrameError, BrokenPipeError, ConnectionResetError):
+            zygote.serve()
+    finally:
+        if listener is not None:
+            # Our own exit_group would wait on this listener for an answer from ourselves:
+            # closed, the kernel lets every held exit through.
+            os.close(listener)
+
+
+def _exit_listener() -> int | None:
+    """Install the exit notifier on the zygote itself, once: every spare and program forked
+    from here inherits it, at no cost per execution (installing a filter compiles it, ~0.1
+    ms a time on a VM). ``None`` where the kernel or the architecture cannot (the pidfd
+    then tells every end)."""
+    if not seccomp.supported():
+        return None
+    try:
+        return _sys.install_listener(_sys.SeccompProgram(seccomp.build_exit_notifier()))
+    except OSError:
+        return None
