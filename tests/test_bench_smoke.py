@@ -80,3 +80,38 @@ def test_r1_step_quick(tmp_path):
     # the agent runs made real tool calls under both schedulers
     assert result["details"]["agent_tangram"]["tool_calls"] > 0
     assert result["details"]["agent_static"]["tool_calls"] > 0
+
+
+@pytest.mark.slow
+def test_r1_replay_quick(tmp_path, capsys):
+    """A real r1-train run (sandbox tool calls, rule rewards) replayed through the simulator;
+    its span export, fed to ``tangram-core trace-from-otel``, gives the bench's figures back."""
+    out = tmp_path / "r1_replay.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools/bench/r1_replay.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["actions_per_kind"]["sandbox.run"] > 0
+    assert any(k.startswith("reward.") for k in result["actions_per_kind"])
+    assert result["actions"] == sum(result["actions_per_kind"].values())
+    for key in ("real_act_mean_s", "replay_act_mean_s", "replay_act_error", "pools", "capacity"):
+        assert result[key] is not None, key
+    spans = tmp_path / "r1_replay_spans.json"
+    assert spans.is_file()
+    from tangram_core.cli import main as tangram_core
+
+    capacity = ",".join(f"{r}={c:g}" for r, c in result["capacity"].items())
+    pools = [
+        f"--pool={name}=" + ",".join(f"{r}:{d:g}" for r, d in demand.items())
+        for name, demand in result["pools"].items()
+    ]
+    argv = ["trace-from-otel", str(spans), *pools, "--out", str(tmp_path / "trace.jsonl")]
+    assert tangram_core([*argv, "--replay", capacity]) == 0
+    lines = (tmp_path / "trace.jsonl").read_text().splitlines()
+    assert len(lines) == result["actions"]
+    # the same trace through the same (deterministic) simulator: the bench's error, to print
+    assert f"replay_act_error {result['replay_act_error']:.3f}" in capsys.readouterr().out

@@ -467,9 +467,8 @@ def cluster_scale(n_actions: int) -> dict:
 def replay_check(n: int = 60, workers: int = 4, seed: int = 11) -> dict:
     """A real run replayed through the simulator (issue 23, item 6): the orchestrator runs ``n``
     sleep actions on a real process pool, arriving at ~70% load; its spans go through
-    ``trace_from_spans`` and the trace is replayed at the same capacity. Not an r1-train run:
-    that needs vLLM and minutes of CPU; ``tangram-core trace-from-otel`` reads its export the
-    same way."""
+    ``trace_from_spans`` and the trace is replayed at the same capacity. A real r1-train run
+    goes through the same path in ``tools/bench/r1_replay.py``."""
     import asyncio
     import random
 
