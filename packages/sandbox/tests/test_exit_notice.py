@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import time
 from typing import Any
 
@@ -189,3 +190,43 @@ def test_an_exit_interrupted_by_signals_neither_hangs_the_worker_nor_changes_the
     *pestered, after = asyncio.run(go())
     assert [(r.exit_code, r.stdout) for r in pestered] == [(6, "bye\n")] * 5
     assert (after.status, after.stdout) == (RunStatus.OK, "1\n")
+
+
+@pytest.mark.usefixtures("can_sandbox")
+def test_a_zygote_whose_pool_is_gone_before_it_is_ready_exits(tmp_path: Any) -> None:
+    """The zygote holds the exit listener it inherits to every program; on its own way out
+    (here: no pool left to say "ready" to) it must let go of it first, or its own exit_group
+    waits for an answer from itself, forever."""
+    from tangram_sandbox.config import default_python
+    from tangram_sandbox.isolation import ZYGOTE_ENV, package_root, zygote_command
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cfg = {
+        "uid": None,
+        "gid": None,
+        "apply": dict.fromkeys(
+            ("slot_uid", "user_ns", "seccomp", "pid_ns", "mount_ns", "ipc_ns"), False
+        ),
+        "cache_dir": str(tmp_path),
+        "cgroup_dirs": {},
+        "tmp_size_mb": 16,
+        "drop_sys_path": [package_root()],
+    }
+    parent.close()  # the pool is gone before the zygote starts
+    proc = subprocess.Popen(
+        zygote_command(default_python(), str(child.fileno()), cfg),
+        pass_fds=(child.fileno(),),
+        env=ZYGOTE_ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    child.close()
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the zygote hung on its way out (its own exit_group held)")
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]

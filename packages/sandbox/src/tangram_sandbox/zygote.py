@@ -893,16 +893,17 @@ def main() -> None:
     cfg["cache_fd"] = os.open(cfg["cache_dir"], os.O_RDONLY | os.O_DIRECTORY)
     cfg["apply"]["mount_ns"] = layers.get("mount_ns") is True
     listener = _exit_listener()
-    zygote = _Zygote(sock, cfg, listener)
-    zygote.send({"type": "ready", "pid": os.getpid(), "layers": layers})
-    gc.freeze()  # keep the collector from touching (and so copying) inherited pages in forks
     try:
+        zygote = _Zygote(sock, cfg, listener)
         with contextlib.suppress(wire.FrameError, BrokenPipeError, ConnectionResetError):
+            zygote.send({"type": "ready", "pid": os.getpid(), "layers": layers})
+            gc.freeze()  # keep the collector from touching (and so copying) inherited pages
             zygote.serve()
     finally:
         if listener is not None:
-            # Our own exit_group would wait on this listener for an answer from ourselves:
-            # closed, the kernel lets every held exit through.
+            # On every way out (a pool gone before "ready" included): our own exit_group
+            # would wait on this listener for an answer from ourselves. Closed, the kernel
+            # lets every held exit through.
             os.close(listener)
 
 
