@@ -94,9 +94,8 @@ def test_bound_is_exact_where_shortest_first_is_optimal():
     assert bound.no_queueing_mean == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_bound_never_exceeds_the_brute_force_optimum(seed):
-    rng = random.Random(seed)
+def small_instance(rng: random.Random) -> tuple[float, list]:
+    """Four small GPU jobs on 2-4 GPUs, few enough to enumerate every schedule."""
     cap = float(rng.choice([2, 3, 4]))
     jobs = [
         job(
@@ -109,6 +108,13 @@ def test_bound_never_exceeds_the_brute_force_optimum(seed):
         for i in range(4)
     ]
     jobs = [j for j in jobs if j.spec.demand[0][1] * j.spec.min_units <= cap]
+    return cap, jobs
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_bound_never_exceeds_the_brute_force_optimum(seed):
+    rng = random.Random(seed)
+    cap, jobs = small_instance(rng)
     bound = capacity_bound(jobs, {"gpu": cap})
     optimum = brute_force_optimum(jobs, cap)
     assert bound.no_queueing_mean <= bound.mean <= optimum + 1e-9
@@ -170,18 +176,7 @@ def assert_feasible(jobs: list[Job], sched: ListSchedule, cap: dict[str, float])
 @pytest.mark.parametrize("seed", range(20))
 def test_list_schedules_are_feasible_and_never_beat_the_brute_force_optimum(seed):
     rng = random.Random(100 + seed)
-    cap = float(rng.choice([2, 3, 4]))
-    jobs = [
-        job(
-            i,
-            float(rng.randint(0, 3)),
-            float(rng.randint(1, 5)),
-            gpus=float(rng.choice([1, 1, 2])),
-            max_units=rng.choice([1, 1, 2]),
-        )
-        for i in range(4)
-    ]
-    jobs = [j for j in jobs if j.spec.demand[0][1] * j.spec.min_units <= cap]
+    cap, jobs = small_instance(rng)
     optimum = brute_force_optimum(jobs, cap)
     bound = capacity_bound(jobs, {"gpu": cap})
     for order in ("shortest", "area", "fifo"):
