@@ -48,6 +48,7 @@ import pytest
 
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.models import RunResult, RunStatus
+from tangram_sandbox.program import PROGRAM_ENV
 
 T = TypeVar("T")
 
@@ -1117,6 +1118,7 @@ with open("/proc/self/environ", "rb") as f:
 print(json.dumps({
     "environ": sorted(os.environ),
     "block_names": sorted(v.split(b"=")[0].decode() for v in block.split(b"\\0") if v),
+    "block_home": [v[5:].decode() for v in block.split(b"\\0") if v.startswith(b"HOME=")],
 }), flush=True)
 time.sleep(1.5)
 """
@@ -1139,7 +1141,9 @@ def test_the_servers_secrets_reach_no_program(user: User, target: Target) -> Non
     assert leaked == {programs[0].pid: set(), zygote.pid: set()}, leaked
     assert _SECRET_ENV not in got["environ"], got
     assert _SECRET_ENV not in got["block_names"], got
-    assert "HOME" not in got["block_names"], got  # the zygote's block is its own, not ours
+    # the zygote's block is the programs' own environment, never ours (our HOME included)
+    assert got["block_names"] == sorted(PROGRAM_ENV), got
+    assert got["block_home"] == [PROGRAM_ENV["HOME"]], got
     target.assert_unharmed(before)
 
 

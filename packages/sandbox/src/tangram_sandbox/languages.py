@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: Where the sandboxed program looks for executables (its ``PATH``).
-SANDBOX_PATH = program._ENV["PATH"]
+SANDBOX_PATH = program.PROGRAM_ENV["PATH"]
 #: The compile step's single output, which the zygote caches and copies into each run.
 OUTPUT = "main"
 _BINARY = f"{program.WORKDIR}/{OUTPUT}"

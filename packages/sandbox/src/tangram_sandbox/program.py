@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 from tangram_sandbox import _sys, wire
 
-__all__ = ["SETUP_FAILED", "STATUS_FD", "WORKDIR", "spare_main"]
+__all__ = ["PROGRAM_ENV", "SETUP_FAILED", "STATUS_FD", "WORKDIR", "spare_main"]
 
 WORKDIR = "/tmp/work"
 SETUP_FAILED = 126
@@ -35,7 +35,7 @@ SETUP_FAILED = 126
 #: ``E`` and a message (set-up failed). Closed before any program code runs, so a program
 #: cannot claim an infrastructure failure (a trainer would drop, not score, such a sample).
 STATUS_FD = 5
-_ENV = {
+PROGRAM_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": WORKDIR,
     "TMPDIR": "/tmp",
@@ -43,6 +43,10 @@ _ENV = {
     "LC_ALL": "C.UTF-8",
 }
 _SOURCE = {"python": "main.py", "cpp": "main.cpp", "bash": "main.sh"}
+#: A plain int: an enum member passed through ctypes touches more of the interpreter's pages,
+#: and every page P writes is one it copies (see :mod:`tangram_sandbox.zygote`).
+_SIGKILL = int(signal.SIGKILL)
+_RMID_FORCED = "/proc/sys/kernel/shm_rmid_forced"
 
 
 def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
@@ -52,7 +56,7 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     leaves no capability outside it) and seccomp, last because it forbids ``unshare``."""
     # Should the zygote die before this line, P still ends: its job pipe reads end-of-file.
     # (Set again after each credential change below: the kernel clears it on setresuid.)
-    _sys.set_pdeathsig(signal.SIGKILL)
+    _sys.set_pdeathsig(_SIGKILL)
     os.setsid()
     apply = cfg["apply"]
     # A fresh IPC namespace per execution, not per worker: SysV shared memory, semaphores and
@@ -63,9 +67,9 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     _sys.unshare(_sys.CLONE_NEWNS | fresh_ipc)
     nosuid = _sys.MS_NOSUID | _sys.MS_NODEV
     _sys.mount("tmpfs", "/tmp", "tmpfs", nosuid, f"size={int(cfg['tmp_size_mb'])}m,mode=1777")
-    if os.path.isdir("/dev/shm"):
+    if cfg["has_dev_shm"]:
         _sys.mount("tmpfs", "/dev/shm", "tmpfs", nosuid, "size=64m,mode=1777")
-    if fresh_ipc and os.path.isdir("/dev/mqueue"):  # the host's queue names, else
+    if fresh_ipc and cfg["has_dev_mqueue"]:  # the host's queue names, else
         _sys.mount("mqueue", "/dev/mqueue", "mqueue", nosuid | _sys.MS_NOEXEC)
     if apply["pid_ns"]:  # a /proc that shows this pid namespace only
         _sys.mount("proc", "/proc", "proc", nosuid | _sys.MS_NOEXEC)
@@ -73,8 +77,12 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
         # Orphaned SysV shared memory is destroyed as its last process exits, not later with
         # the namespace (an RCU-deferred work item): the slot's memory charge is gone before
         # the next run starts. Per IPC namespace; best effort where /proc is read-only.
-        with contextlib.suppress(OSError), open("/proc/sys/kernel/shm_rmid_forced", "w") as f:
-            f.write("1")
+        with contextlib.suppress(OSError):
+            fd = os.open(_RMID_FORCED, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
     os.mkdir(WORKDIR, 0o700)
     if apply["slot_uid"]:
         os.chown(WORKDIR, cfg["uid"], cfg["gid"])
@@ -93,15 +101,14 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
         os.setgroups([])
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
-    _sys.set_no_new_privs()
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _sys.set_no_new_privs()  # (no core dumps: the zygote's RLIMIT_CORE, 0, is inherited)
     if apply["user_ns"]:
         _sys.unshare(_sys.CLONE_NEWUSER)
-    _sys.set_pdeathsig(signal.SIGKILL)  # cleared by the credential changes above
+    _sys.set_pdeathsig(_SIGKILL)  # cleared by the credential changes above
     if apply["seccomp"]:
         cfg["seccomp"].install()
-    os.environ.clear()
-    os.environ.update(_ENV)
+    # The environment is already the programs' own (the zygote's is exactly PROGRAM_ENV):
+    # nothing to set here.
 
 
 def _apply_limits(limits: dict[str, Any], address_space_mb: int | None = None) -> None:
@@ -140,19 +147,24 @@ def _write_inputs(job: dict[str, Any]) -> None:
         parts = _safe_parts(name)
         if len(parts) > 1:
             os.makedirs(os.path.join(*parts[:-1]), exist_ok=True)
-        with open(os.path.join(*parts), "wb") as f:
-            f.write(base64.b64decode(b64))
+        _write_file(os.path.join(*parts), base64.b64decode(b64))
     source = job.get("source") or _SOURCE[job["language"]]
-    with open(os.path.join(*_safe_parts(source)), "w", encoding="utf-8") as f:
-        f.write(job["code"])
+    _write_file(os.path.join(*_safe_parts(source)), job["code"].encode())
     stdin = os.memfd_create("stdin", 0)
-    data = job.get("stdin", "").encode()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(stdin, view) :]
+    wire.write_all(stdin, job.get("stdin", "").encode())
     os.lseek(stdin, 0, os.SEEK_SET)
     os.dup2(stdin, 0)
     os.close(stdin)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """``open(path, "wb").write(data)`` without the io stack: the file objects, and the codec
+    lookup of text mode, are pages of the zygote this process would copy."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        wire.write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _report(obj: dict[str, Any]) -> None:
@@ -285,7 +297,8 @@ def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
             os._exit(0)
         job = frame
         _write_inputs(job)
-        os.environ.update(job.get("env") or {})  # the language's (GOCACHE, MALLOC_ARENA_MAX)
+        if job.get("env"):  # the language's (GOCACHE, MALLOC_ARENA_MAX)
+            os.environ.update(job["env"])
         _apply_limits(job["limits"], job.get("address_space_mb"))
         os.write(STATUS_FD, b"g")
         os.close(STATUS_FD)

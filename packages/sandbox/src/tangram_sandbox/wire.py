@@ -23,15 +23,23 @@ class FrameError(Exception):
     """A peer sent something that is not a frame (or closed the pipe in the middle of one)."""
 
 
+#: One encoder and one decoder for every frame: ``json.dumps`` with options builds a new
+#: encoder per call, and ``json.loads`` of bytes sniffs their encoding in Python first. (In
+#: the zygote each object made per call is a page it copies after the next fork.)
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
+
+
 def encode(obj: Any) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
+    body = _ENCODER.encode(obj).encode()
     return _HEADER.pack(len(body)) + body
 
 
 def decode(body: bytes) -> Any:
+    """A frame's JSON body (always UTF-8: every peer writes it with :func:`encode`)."""
     try:
-        return json.loads(body)
-    except ValueError as exc:
+        return _DECODER.decode(body.decode())
+    except ValueError as exc:  # UnicodeDecodeError included
         raise FrameError(f"frame is not JSON: {exc}") from exc
 
 
@@ -92,7 +100,7 @@ def encode_typed(kind: bytes, body: bytes) -> bytes:
 
 
 def encode_json(obj: Any) -> bytes:
-    return encode_typed(JSON, json.dumps(obj, separators=(",", ":")).encode())
+    return encode_typed(JSON, _ENCODER.encode(obj).encode())
 
 
 def read_typed_header(fd: int) -> tuple[bytes, int] | None:
