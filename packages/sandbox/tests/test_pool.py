@@ -42,6 +42,48 @@ def test_python_bash_and_cpp_read_stdin_and_answer(tmp_path: Any) -> None:
     assert len(list(tmp_path.iterdir())) == 1, "one cached binary per source hash"
 
 
+STDIO_PROBE = r"""
+import json, os, sys
+streams = {}
+for name in ("stdin", "stdout", "stderr"):
+    s = getattr(sys, name)
+    streams[name] = [s.seekable(), s.encoding, s.errors, s.line_buffering, s.buffer.raw.name]
+try:
+    sys.stdout.tell()
+    tell = "no error"
+except Exception as exc:
+    tell = type(exc).__name__
+print(json.dumps({"streams": streams, "tell": tell, "input": sys.stdin.read(),
+                  "environ": dict(os.environ)}))
+"""
+
+
+def test_a_programs_stdio_and_environment_are_plain_pythons_over_pipes() -> None:
+    """The program's ``sys.std*`` are made in the zygote before any fork (fewer pages to copy
+    per run) and its environment is inherited from the zygote's: neither may show. Its stdout
+    and stderr are pipes, so not seekable (made over the zygote's own /dev/null they would
+    claim to be); its stdin is the request's input; its environment is exactly the programs'
+    own. Run twice: each program takes its own copy of the zygote's streams."""
+    import json
+
+    from tangram_sandbox.program import PROGRAM_ENV
+
+    async def body(pool: SandboxPool) -> list[Any]:
+        return [await pool.run(code=STDIO_PROBE, stdin=f"line {i}\n") for i in range(2)]
+
+    for i, result in enumerate(with_pool(body, max_workers=1)):
+        assert result.status is RunStatus.OK, result
+        got = json.loads(result.stdout)
+        assert got["streams"] == {
+            "stdin": [True, "utf-8", "replace", False, 0],
+            "stdout": [False, "utf-8", "replace", False, 1],
+            "stderr": [False, "utf-8", "backslashreplace", True, 2],
+        }, got
+        assert got["tell"] == "UnsupportedOperation", got
+        assert got["input"] == f"line {i}\n", got
+        assert got["environ"] == PROGRAM_ENV, got
+
+
 def test_each_failure_has_its_own_status() -> None:
     async def body(pool: SandboxPool) -> dict[str, Any]:
         small = {"wall_s": 1.0, "memory_mb": 128}

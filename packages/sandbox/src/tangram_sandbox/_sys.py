@@ -97,36 +97,45 @@ _libc.prctl.argtypes = [
 _libc.syscall.restype = ctypes.c_long
 
 
-def _check(result: int, what: str) -> None:
+def _check(result: int, what: str, *args: object) -> None:
+    """Raise ``OSError`` naming the call (``what.format(*args)``) if it failed.
+
+    The name is formatted only on failure: the success path runs in every program's set-up,
+    where each object made is a page of the zygote that process copies."""
     if result < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, f"{what.format(*args)}: {os.strerror(err)}")
 
 
-def _b(value: str | None) -> bytes | None:
-    return None if value is None else os.fsencode(value)
+def _b(value: str | bytes | None) -> bytes | None:
+    return value if value is None or isinstance(value, bytes) else os.fsencode(value)
 
 
 def unshare(flags: int) -> None:
     """Move this process into new namespaces (``unshare(2)``)."""
-    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+    _check(_libc.unshare(flags), "unshare({:#x})", flags)
 
 
 def setns(fd: int, nstype: int) -> None:
     """Join the namespace that ``fd`` (an ``/proc/PID/ns/*`` file) refers to."""
-    _check(_libc.setns(fd, nstype), f"setns({nstype:#x})")
+    _check(_libc.setns(fd, nstype), "setns({:#x})", nstype)
 
 
 def umount_detach(target: str) -> None:
     """Lazily unmount ``target`` (``MNT_DETACH``)."""
-    _check(_libc.umount2(os.fsencode(target), 2), f"umount {target}")
+    _check(_libc.umount2(os.fsencode(target), 2), "umount {}", target)
 
 
 def mount(
-    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+    source: str | bytes | None,
+    target: str | bytes,
+    fstype: str | bytes | None,
+    flags: int,
+    data: str | bytes | None = None,
 ) -> None:
-    """``mount(2)``."""
-    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), f"mount {target}")
+    """``mount(2)``; bytes arguments are passed as they are (no encoding per call)."""
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) < 0:
+        _check(-1, "mount {}", os.fsdecode(target))
 
 
 def make_rprivate() -> None:
@@ -157,7 +166,7 @@ def _mount_setattr(path: str, attr_set: int, attr_clr: int, recursive: bool) -> 
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
-    _check(res, f"mount_setattr {path}")
+    _check(res, "mount_setattr {}", path)
 
 
 def remount_tree_readonly(path: str = "/") -> None:

@@ -16,13 +16,16 @@ Stdlib-only: it runs under the system interpreter.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
+import io
 import json
 import os
 import resource
 import signal
 import sys
 import traceback
+import types
 from typing import Any, NoReturn
 
 from tangram_sandbox import _sys, wire
@@ -66,13 +69,13 @@ def _enter_sandbox(cfg: dict[str, Any], fds: dict[str, int]) -> None:
     fresh_ipc = _sys.CLONE_NEWIPC if apply.get("ipc_ns") else 0
     _sys.unshare(_sys.CLONE_NEWNS | fresh_ipc)
     nosuid = _sys.MS_NOSUID | _sys.MS_NODEV
-    _sys.mount("tmpfs", "/tmp", "tmpfs", nosuid, f"size={int(cfg['tmp_size_mb'])}m,mode=1777")
+    _sys.mount(b"tmpfs", b"/tmp", b"tmpfs", nosuid, cfg["tmp_mount_data"])
     if cfg["has_dev_shm"]:
-        _sys.mount("tmpfs", "/dev/shm", "tmpfs", nosuid, "size=64m,mode=1777")
+        _sys.mount(b"tmpfs", b"/dev/shm", b"tmpfs", nosuid, b"size=64m,mode=1777")
     if fresh_ipc and cfg["has_dev_mqueue"]:  # the host's queue names, else
-        _sys.mount("mqueue", "/dev/mqueue", "mqueue", nosuid | _sys.MS_NOEXEC)
+        _sys.mount(b"mqueue", b"/dev/mqueue", b"mqueue", nosuid | _sys.MS_NOEXEC)
     if apply["pid_ns"]:  # a /proc that shows this pid namespace only
-        _sys.mount("proc", "/proc", "proc", nosuid | _sys.MS_NOEXEC)
+        _sys.mount(b"proc", b"/proc", b"proc", nosuid | _sys.MS_NOEXEC)
     if fresh_ipc:
         # Orphaned SysV shared memory is destroyed as its last process exits, not later with
         # the namespace (an RCU-deferred work item): the slot's memory charge is gone before
@@ -173,22 +176,55 @@ def _report(obj: dict[str, Any]) -> None:
         os.write(3, json.dumps(obj).encode())
 
 
-def bind_stdio() -> None:
-    """Fresh ``sys.std*`` objects over fds 0-2 (the zygote's own may hold buffered bytes)."""
-    import io
+def _make_stdio() -> tuple[Any, Any, Any]:
+    return (
+        io.TextIOWrapper(
+            io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="replace"
+        ),
+        io.TextIOWrapper(
+            io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="replace"
+        ),
+        io.TextIOWrapper(
+            io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+            encoding="utf-8",
+            errors="backslashreplace",
+            line_buffering=True,
+        ),
+    )
 
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="replace"
-    )
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="replace"
-    )
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-        encoding="utf-8",
-        errors="backslashreplace",
-        line_buffering=True,
-    )
+
+#: ``sys.std*`` objects the zygote made for its programs and never used (see premake_stdio).
+_UNUSED_STDIO: list[tuple[Any, Any, Any]] = []
+
+
+def premake_stdio() -> None:
+    """In the zygote, once: a program's ``sys.std*`` objects, made before any fork.
+
+    Why: made in the program's process, the first text stream alone cost ~30 copied pages
+    (the codec lookup and the classes it instantiates); made here, each program's process
+    takes (its copy of) these, untouched. A stream records at its creation whether its fd is
+    seekable, and a program's fds 1 and 2 are pipes (its 0 a memfd, seekable like the
+    zygote's /dev/null): so they are made over a pipe, and our own fds put back."""
+    r, w = os.pipe()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        _UNUSED_STDIO.append(_make_stdio())
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (r, w, *saved):
+            os.close(fd)
+
+
+def bind_stdio() -> None:
+    """Fresh ``sys.std*`` objects over fds 0-2 (the zygote's own may hold buffered bytes): the
+    zygote's unused ones the first time in a process, new ones after that."""
+    streams = _UNUSED_STDIO.pop() if _UNUSED_STDIO else _make_stdio()
+    sys.stdin = sys.__stdin__ = streams[0]  # type: ignore[misc]
+    sys.stdout = sys.__stdout__ = streams[1]  # type: ignore[misc]
+    sys.stderr = sys.__stderr__ = streams[2]  # type: ignore[misc]
 
 
 def flush_stdio() -> None:
@@ -214,9 +250,6 @@ def exec_program(
 
     Returns the exit status and the side-channel facts (a function's return value, a memory
     error). Exceptions in ``passthrough`` (the batch harness's timeout) propagate."""
-    import builtins
-    import types
-
     side: dict[str, Any] = {}
     status = 0
     main = types.ModuleType("__main__")

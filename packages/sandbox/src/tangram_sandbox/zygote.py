@@ -62,7 +62,7 @@ from typing import Any
 
 from tangram_sandbox import _sys, seccomp, wire
 from tangram_sandbox import batch as _batch  # noqa: F401 - loaded here: a program's /tmp may hide our source
-from tangram_sandbox.program import PROGRAM_ENV, WORKDIR, spare_main
+from tangram_sandbox.program import PROGRAM_ENV, WORKDIR, premake_stdio, spare_main
 
 # Modules an RL coding task commonly imports, loaded once in the zygote so executions skip it.
 _PRELOAD = [
@@ -176,13 +176,16 @@ def _prepare_for_programs(cfg: dict[str, Any]) -> None:
     microsecond each on a VM), so per-run set-up is kept to the system calls themselves. The
     environment is the programs' own (the pool starts us with exactly that; enforced here
     for a zygote started by other means), the core-dump limit is already 0, and which
-    mount points exist is known from our own (read-only) view."""
+    mount points exist is known from our own (read-only) view. A program's ``sys.std*``
+    objects are made here too (see :func:`tangram_sandbox.program.premake_stdio`)."""
     if os.environ != PROGRAM_ENV:
         os.environ.clear()
         os.environ.update(PROGRAM_ENV)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    cfg["tmp_mount_data"] = f"size={int(cfg['tmp_size_mb'])}m,mode=1777".encode()
     cfg["has_dev_shm"] = os.path.isdir("/dev/shm")
     cfg["has_dev_mqueue"] = os.path.isdir("/dev/mqueue")
+    premake_stdio()
 
 
 def _preload() -> None:
