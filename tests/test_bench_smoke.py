@@ -115,3 +115,35 @@ def test_r1_replay_quick(tmp_path, capsys):
     assert len(lines) == result["actions"]
     # the same trace through the same (deterministic) simulator: the bench's error, to print
     assert f"replay_act_error {result['replay_act_error']:.3f}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sandbox_bench_quick(tmp_path):
+    """The sandbox bench measures warm and cold runs in turns and writes every ratio target."""
+    from tangram_sandbox.isolation import capabilities
+
+    caps = capabilities()
+    if not (caps.available("mount_ns") and caps.available("private_tmp")):
+        pytest.skip(f"no mount namespace here: {caps.layer('mount_ns').detail}")
+    out = tmp_path / "sandbox.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools/bench/sandbox.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in (
+        "warm_vs_cold_subprocess_speedup",
+        "warm_vs_cold_bwrap_speedup",
+        "http_over_api_p50",
+        "throughput_per_s",
+        "batched_tests_speedup",
+    ):
+        assert key in result, key
+        assert key in result["targets"], key
+    assert result["sizes"]["measured_in_turns_of"] > 0
+    assert result["warm_vs_cold_subprocess_speedup"] > 0
+    assert result["replaced_workers"] == 0  # no worker died during the bench
+    assert "vs cold subprocess" in run.stdout  # the ratio table was printed

@@ -10,6 +10,8 @@ the same machine:
    end to end around the await; p50 and p99.
 2. **Cold baselines**: ``python3 -c "print(1)"`` as a plain subprocess, and inside a fresh
    ``bwrap --unshare-all`` sandbox (the usual way to isolate one execution); p50 of each.
+   Warm and cold runs are measured in turns (blocks of 20 of each), so that the VM's drift
+   during a run weighs on both sides of a ratio alike.
 3. **Throughput**: 1000 concurrent ``print(i)`` runs on a 2-worker pool (one per core), vs cold
    bwrap runs two at a time.
 4. **Batched tests**: "read two ints, print their sum" against 50 stdin tests: one
@@ -80,6 +82,7 @@ TARGETS = {
 }
 AT_MOST = {"warm_p50_ms", "warm_p99_ms", "http_over_api_p50"}
 HTTP_CLIENTS = 16  # keep-alive connections for the HTTP throughput
+BLOCK = 20  # warm and cold latencies are measured in turns of this many runs each
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -114,11 +117,6 @@ def cold_once(argv: list[str], stdin: str = "", expected: str = "1\n") -> float:
     return elapsed
 
 
-def cold_latencies(argv: list[str], n: int, label: str) -> list[float]:
-    cold_once(argv)  # page cache, dentries
-    return [cold_once(argv) for _ in tqdm(range(n), desc=label, leave=False)]
-
-
 def cold_throughput(argv: list[str], n: int, parallel: int) -> float:
     """Executions per second with ``parallel`` cold runs in flight at a time."""
     with ThreadPoolExecutor(parallel) as ex:
@@ -149,24 +147,40 @@ def cold_tests(bwrap: str, tests: list[dict[str, str]]) -> float:
     return time.perf_counter() - t0
 
 
-async def warm_latencies(pool: SandboxPool, n: int, warmup: int) -> tuple[list[float], list[float]]:
-    """End-to-end seconds of each run, and the run's own ``wall_s`` as the worker reports it
-    (the program's process alone), to tell the program's cost from the pool's overhead."""
+async def warm_and_cold_latencies(
+    pool: SandboxPool, n: int, warmup: int, bwrap: str | None
+) -> dict[str, list[float]]:
+    """Sequential latencies of warm runs and of both cold baselines, measured in turns.
+
+    Why in turns (blocks of ``BLOCK`` runs of each, ``n`` of each in all): a VM's speed drifts
+    by tens of percent within a minute, and measured one after the other, the ratio of two
+    p50s says as much about that drift as about the code. Warm: end-to-end seconds of each
+    ``pool.run``, and the run's own ``wall_s`` as the worker reports it (the program's process
+    alone), to tell the program's cost from the pool's overhead."""
     for _ in range(warmup):
         await pool.run(code="print(1)")
-    out, inner = [], []
-    bar = tqdm(total=n, desc="warm", leave=False)  # updated in chunks: it costs time per call
-    for i in range(n):
-        t0 = time.perf_counter()
-        result = await pool.run(code="print(1)")
-        out.append(time.perf_counter() - t0)
-        inner.append(result.wall_s)
-        if result.status is not RunStatus.OK or result.stdout != "1\n":
-            raise RuntimeError(f"warm run failed: {result}")
-        if i % 50 == 49:
-            bar.update(50)
+    plain = cold_argv(None, "print(1)")
+    boxed = cold_argv(bwrap, "print(1)") if bwrap else None
+    cold_once(plain)  # page cache, dentries
+    if boxed:
+        cold_once(boxed)
+    out: dict[str, list[float]] = {"warm": [], "warm_inner": [], "cold": [], "cold_bwrap": []}
+    bar = tqdm(total=n, desc="warm and cold, in turns", leave=False)
+    for start in range(0, n, BLOCK):
+        size = min(BLOCK, n - start)
+        out["cold"] += [cold_once(plain) for _ in range(size)]
+        if boxed:
+            out["cold_bwrap"] += [cold_once(boxed) for _ in range(size)]
+        for _ in range(size):
+            t0 = time.perf_counter()
+            result = await pool.run(code="print(1)")
+            out["warm"].append(time.perf_counter() - t0)
+            out["warm_inner"].append(result.wall_s)
+            if result.status is not RunStatus.OK or result.stdout != "1\n":
+                raise RuntimeError(f"warm run failed: {result}")
+        bar.update(size)
     bar.close()
-    return out, inner
+    return out
 
 
 async def warm_throughput(pool: SandboxPool, n: int) -> float:
@@ -220,7 +234,7 @@ async def pool_figures(
     n: int, burst: int, tests: list[dict[str, str]], repeats: int, bwrap: str | None
 ) -> dict[str, Any]:
     async with SandboxPool(min_workers=WORKERS, max_workers=WORKERS) as pool:
-        warm, inner = await warm_latencies(pool, n, warmup=20)
+        turns = await warm_and_cold_latencies(pool, n, warmup=20, bwrap=bwrap)
         tput = await warm_throughput(pool, burst)
         await batched(pool, tests)  # warm-up of both shapes
         await per_test_requests(pool, tests[:5])
@@ -232,8 +246,7 @@ async def pool_figures(
             if bwrap:
                 cold.append(cold_tests(bwrap, tests))
     return {
-        "warm": warm,
-        "warm_inner": inner,
+        **turns,
         "throughput": tput,
         "batched_s": statistics.median(ours),
         "per_test_isolation_s": statistics.median(fresh),
@@ -352,11 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     if bwrap is None:
         print("bwrap not found (run `make setup`): cold bwrap figures are recorded as null")
 
-    cold_sub = cold_latencies(cold_argv(None, "print(1)"), n, "cold subprocess")
-    cold_bw = cold_latencies(cold_argv(bwrap, "print(1)"), n, "cold bwrap") if bwrap else None
     cold_bw_tput = cold_throughput(cold_argv(bwrap, "print(1)"), n, WORKERS) if bwrap else None
     pool = asyncio.run(pool_figures(n, burst, tests, repeats, bwrap))
     http = http_figures(n, burst)
+    cold_sub = pool["cold"]
+    cold_bw = pool["cold_bwrap"] or None
 
     warm_p50 = percentile(pool["warm"], 50) * 1e3
     warm_p99 = percentile(pool["warm"], 99) * 1e3
@@ -488,7 +501,13 @@ def main(argv: list[str] | None = None) -> int:
             "cold_bwrap_ms": ms_or_none(pool["cold_bwrap_tests_s"]),
             "speedup_vs_cold_bwrap": vs_cold_tests,
         },
-        "sizes": {"warm_and_cold_runs": n, "warmup": 20, "burst": burst, "workers": WORKERS},
+        "sizes": {
+            "warm_and_cold_runs": n,
+            "measured_in_turns_of": BLOCK,
+            "warmup": 20,
+            "burst": burst,
+            "workers": WORKERS,
+        },
         "bwrap": bwrap,
         "bwrap_note": None
         if bwrap

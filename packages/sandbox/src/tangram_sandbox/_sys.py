@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import platform
 import struct
 from typing import NamedTuple
 
@@ -153,9 +152,9 @@ class _MountAttr(ctypes.Structure):
 
 
 def _mount_setattr(path: str, attr_set: int, attr_clr: int, recursive: bool) -> None:
-    nr = _SYS_MOUNT_SETATTR.get(platform.machine())
+    nr = _SYS_MOUNT_SETATTR.get(os.uname().machine)
     if nr is None:
-        raise OSError(38, f"mount_setattr: unknown syscall number on {platform.machine()}")
+        raise OSError(38, f"mount_setattr: unknown syscall number on {os.uname().machine}")
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
     flags = _AT_RECURSIVE if recursive else 0
     res = _libc.syscall(
@@ -240,9 +239,9 @@ def install_listener(program: SeccompProgram) -> int:
 
     Needs no_new_privs (or CAP_SYS_ADMIN); fails with ``EBUSY`` where a filter of this task
     already has a listener."""
-    nr = _SYS_SECCOMP.get(platform.machine())
+    nr = _SYS_SECCOMP.get(os.uname().machine)
     if nr is None:
-        raise OSError(0, f"seccomp: no syscall number for {platform.machine()}")
+        raise OSError(0, f"seccomp: no syscall number for {os.uname().machine}")
     fd = _libc.syscall(
         ctypes.c_long(nr),
         ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),

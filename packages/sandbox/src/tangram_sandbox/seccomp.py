@@ -17,7 +17,7 @@ The program is built here, in plain Python, from the kernel's documented ABI
 from __future__ import annotations
 
 import errno
-import platform
+import os
 import struct
 
 __all__ = [
@@ -105,7 +105,7 @@ DENIED_SYSCALLS: tuple[str, ...] = tuple(sorted(_NUMBERS))
 
 def supported(machine: str | None = None) -> bool:
     """Whether this module knows the syscall table of ``machine`` (default: this one)."""
-    return (machine or platform.machine()) in _ARCH
+    return (machine or os.uname().machine) in _ARCH
 
 
 def _ins(code: int, jt: int, jf: int, k: int) -> tuple[int, int, int, int]:
@@ -114,7 +114,7 @@ def _ins(code: int, jt: int, jf: int, k: int) -> tuple[int, int, int, int]:
 
 def build_filter(machine: str | None = None) -> bytes:
     """The packed filter for ``machine``; raises ``ValueError`` for an unknown architecture."""
-    machine = machine or platform.machine()
+    machine = machine or os.uname().machine
     if machine not in _ARCH:
         raise ValueError(f"seccomp: no syscall table for {machine!r} (have {sorted(_ARCH)})")
     col, audit_arch = _ARCH[machine]
@@ -189,7 +189,7 @@ def build_exit_notifier(machine: str | None = None) -> bytes:
     trustworthy as ``wait4`` (a program cannot forge one), so the zygote can answer first and
     let the process finish dying afterwards. Deaths by signal make no ``exit_group`` call and
     are seen the usual way."""
-    machine = machine or platform.machine()
+    machine = machine or os.uname().machine
     if machine not in _ARCH:
         raise ValueError(f"seccomp: no syscall table for {machine!r} (have {sorted(_ARCH)})")
     col, audit_arch = _ARCH[machine]

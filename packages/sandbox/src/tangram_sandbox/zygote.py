@@ -52,7 +52,6 @@ import os
 import resource
 import select
 import signal
-import socket
 import stat
 import struct
 import sys
@@ -370,9 +369,8 @@ class _Spare:
 
 
 class _Zygote:
-    def __init__(self, sock: socket.socket, cfg: dict[str, Any], listener: int | None) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+    def __init__(self, sock_fd: int, cfg: dict[str, Any], listener: int | None) -> None:
+        self.fd = sock_fd
         self.cfg = cfg
         self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.null_w = os.open(os.devnull, os.O_WRONLY)
@@ -899,7 +897,9 @@ def main() -> None:
     # Die with the pool, and so take every program with us (their parent-death signal): else
     # a program the pool left running when it was killed ran on to its deadline.
     _sys.set_pdeathsig(signal.SIGKILL)
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    # The pool's end of a stream socket, used as a plain fd (read/write/splice): no socket
+    # module here, whose pages every fork would copy.
+    sock_fd = int(sys.argv[1])
     # Drop the path we were imported from: sandboxed code sees the stdlib only.
     cfg["sys_path"] = [p for p in sys.path if p and p not in cfg.get("drop_sys_path", [])]
     sys.path[:] = cfg["sys_path"]
@@ -917,7 +917,7 @@ def main() -> None:
     _prepare_for_programs(cfg)
     listener = _exit_listener()
     try:
-        zygote = _Zygote(sock, cfg, listener)
+        zygote = _Zygote(sock_fd, cfg, listener)
         with contextlib.suppress(wire.FrameError, BrokenPipeError, ConnectionResetError):
             zygote.send({"type": "ready", "pid": os.getpid(), "layers": layers})
             gc.freeze()  # keep the collector from touching (and so copying) inherited pages
