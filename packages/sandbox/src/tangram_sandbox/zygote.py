@@ -14,11 +14,17 @@ Process tree::
 Why one fork: forks dominate the cost (a Python fork and exit is about 2 ms of CPU on a VM),
 so the zygote itself supervises: it hands P its job, watches P's pipes and its pidfd,
 enforces the deadline, and SIGKILLs P on timeout. (A separate fork server, so that the
-zygote would not copy the ~260 pages it writes per job after each fork, was measured: the
-zygote's CPU per job fell from 1.4 to 0.45 ms, but on 2 cores the extra process and the
-relayed exit status cost more than that, 15% fewer executions per second, and no lower
-latency; see the sandbox bench notes.) P is pid 1 of its namespace, so its death
-takes every process it started with it (daemons, fork bombs).
+zygote would not copy the ~230 pages it writes per job after each fork, was measured twice.
+With the exit status relayed through it: 15% fewer executions per second. With the exit
+notifier, so that nothing is relayed: the supervisor took no faults at all, but P took more,
+since the pages the zygote wrote were mostly pages P writes too, and the first writer of such
+a page copies it; CPU per run 4.46 against 4.47 ms. See the README's "How it is fast".) P is
+pid 1 of its namespace, so its death takes every process it started with it (daemons, fork
+bombs).
+
+Why so few pages written per run (the environment, the ``sys.std*`` objects and the mount
+options are prepared here once; files are read and written without file objects): on a VM a
+page fault costs microseconds, and every page the zygote or P writes after a fork is one.
 
 What a request waits for, and what it does not: a spare is forked and set up before its job
 exists, so a request never waits for a fork or for isolation set-up. The answer goes out when
