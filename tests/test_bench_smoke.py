@@ -15,17 +15,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_tangram_sim_quick(tmp_path):
-    out = tmp_path / "tangram_sim.json"
+def run_bench(
+    tmp_path: Path, name: str, args: tuple[str, ...] = ("--quick",), timeout: float = 600
+) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """Run ``tools/bench/<name>.py`` with ``args``, writing its JSON under ``tmp_path``; the
+    finished process (it must have succeeded) and the JSON it wrote."""
+    out = tmp_path / f"{name}.json"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tools/bench/tangram_sim.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / f"tools/bench/{name}.py"), *args, "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return run, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_tangram_sim_quick(tmp_path):
+    run, result = run_bench(tmp_path, "tangram_sim")
     for key in (
         "act_ratio_vs_static",
         "act_ratio_vs_isolated",
@@ -56,19 +64,8 @@ def test_tangram_sim_quick(tmp_path):
 def test_r1_step_quick(tmp_path):
     """The r1-train benchmark at toy sizes on the tiny model: ours, TRL, and the agent loop
     with tangram scheduling and with static sandbox leases (independent trajectories)."""
-    out = tmp_path / "r1_step.json"
-    run = subprocess.run(
-        [
-            sys.executable, str(ROOT / "tools/bench/r1_step.py"), "--model", "tiny",
-            "--steps", "2", "--prompts", "2", "--group", "2", "--tokens", "8", "--micro", "4",
-            "--out", str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    args = ("--model", "tiny", "--steps", "2", "--prompts", "2", "--group", "2", "--tokens", "8")
+    _, result = run_bench(tmp_path, "r1_step", (*args, "--micro", "4"), timeout=1800)
     for key in (
         "step_seconds",
         "trl_step_seconds",
@@ -86,15 +83,7 @@ def test_r1_step_quick(tmp_path):
 def test_r1_replay_quick(tmp_path, capsys):
     """A real r1-train run (sandbox tool calls, rule rewards) replayed through the simulator;
     its span export, fed to ``tangram-core trace-from-otel``, gives the bench's figures back."""
-    out = tmp_path / "r1_replay.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tools/bench/r1_replay.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    _, result = run_bench(tmp_path, "r1_replay", timeout=900)
     assert result["actions_per_kind"]["sandbox.run"] > 0
     assert any(k.startswith("reward.") for k in result["actions_per_kind"])
     assert result["actions"] == sum(result["actions_per_kind"].values())
@@ -125,15 +114,7 @@ def test_sandbox_bench_quick(tmp_path):
     caps = capabilities()
     if not (caps.available("mount_ns") and caps.available("private_tmp")):
         pytest.skip(f"no mount namespace here: {caps.layer('mount_ns').detail}")
-    out = tmp_path / "sandbox.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tools/bench/sandbox.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    run, result = run_bench(tmp_path, "sandbox")
     for key in (
         "warm_vs_cold_subprocess_speedup",
         "warm_vs_cold_bwrap_speedup",
