@@ -18,7 +18,7 @@ zygote would not copy the ~230 pages it writes per job after each fork, was meas
 With the exit status relayed through it: 15% fewer executions per second. With the exit
 notifier, so that nothing is relayed: the supervisor took no faults at all, but P took more,
 since the pages the zygote wrote were mostly pages P writes too, and the first writer of such
-a page copies it; CPU per run 4.46 against 4.47 ms. See the README's "How it is fast".) P is
+a page copies it; CPU per run 4.01 against 3.98 ms. See the README's "How it is fast".) P is
 pid 1 of its namespace, so its death takes every process it started with it (daemons, fork
 bombs).
 
@@ -177,8 +177,8 @@ def _own_pid_namespace() -> None:
 def _prepare_for_programs(cfg: dict[str, Any]) -> None:
     """What every program's set-up would otherwise work out or set again, done once here.
 
-    Why: every page a program process writes is a page it copies from the zygote (about a
-    microsecond each on a VM), so per-run set-up is kept to the system calls themselves. The
+    Why: every page a program process writes is a page it copies from the zygote (a fault of
+    a few microseconds on a VM), so per-run set-up is kept to the system calls themselves. The
     environment is the programs' own (the pool starts us with exactly that; enforced here
     for a zygote started by other means), the core-dump limit is already 0, and which
     mount points exist is known from our own (read-only) view. A program's ``sys.std*``
