@@ -103,7 +103,8 @@ def _check(result: int, what: str, *args: object) -> None:
     where each object made is a page of the zygote that process copies."""
     if result < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{what.format(*args)}: {os.strerror(err)}")
+        names = [os.fsdecode(a) if isinstance(a, bytes) else a for a in args]
+        raise OSError(err, f"{what.format(*names)}: {os.strerror(err)}")
 
 
 def _b(value: str | bytes | None) -> bytes | None:
@@ -133,8 +134,7 @@ def mount(
     data: str | bytes | None = None,
 ) -> None:
     """``mount(2)``; bytes arguments are passed as they are (no encoding per call)."""
-    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) < 0:
-        _check(-1, "mount {}", os.fsdecode(target))
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), "mount {}", target)
 
 
 def make_rprivate() -> None:

@@ -213,9 +213,10 @@ def _read_cgroup_counter(cfg: dict[str, Any], name: str) -> int:
         text = _read_small(path)
     except OSError:
         return 0
+    wanted = name.encode()
     for line in text.splitlines():
         key, _, value = line.partition(b" ")
-        if key == name.encode():
+        if key == wanted:
             return int(value)
     return 0
 
