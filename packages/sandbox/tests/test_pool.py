@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from tangram_sandbox.models import RunStatus
+from tangram_sandbox import wire
+from tangram_sandbox.models import RunRequest, RunStatus
 from tangram_sandbox.pool import QueueFull, SandboxPool
 
 pytestmark = pytest.mark.usefixtures("can_sandbox")
@@ -168,6 +169,39 @@ def test_files_go_in_and_come_back_without_following_links() -> None:
     assert res.error is not None
     assert "leak" in res.error
     assert "absent" in res.error
+
+
+def test_a_job_marked_last_ends_its_request_without_a_fetch() -> None:
+    """A run with nothing to fetch sends its job marked ``last`` and no fetch: the worker
+    answers at once and lets the program's files go with the answer. Driven at the protocol
+    level, so that both halves show: a fetch after an unmarked job still finds the program's
+    files; after a marked one, there is no program left to fetch from."""
+
+    async def fetch_after(pool: SandboxPool, last: bool) -> dict[str, Any]:
+        req = RunRequest(code="open('out.txt', 'w').write('kept')")
+        limits = req.limits.clamp(pool.config.max_limits)
+        async with pool._worker() as worker:
+            await worker.send(pool._talk.job_frames(req, limits, last=last))
+            end = await pool._talk.read_job(worker, limits)
+            assert end["exit_code"] == 0
+            await worker.send(wire.encode_json({"op": "fetch", "names": ["out.txt"]}))
+            return await pool._talk.read_fetch(worker)
+
+    async def body(pool: SandboxPool) -> Any:
+        kept = await fetch_after(pool, last=False)
+        gone = await fetch_after(pool, last=True)
+        after = await pool.run(code="print(1)")  # the worker is still in step
+        fetched = await pool.run(
+            code="open('o', 'w').write('x')", fetch_files=["o"]
+        )  # and a request with a fetch still gets its files
+        return kept, gone, after, fetched
+
+    kept, gone, after, fetched = with_pool(body, max_workers=1)
+    assert base64.b64decode(kept["out.txt"]["content_b64"]) == b"kept"
+    assert gone == {"out.txt": {"error": "no program ran"}}
+    assert after.status is RunStatus.OK
+    assert after.stdout == "1\n"
+    assert base64.b64decode(fetched.files["o"]) == b"x"
 
 
 def test_scale_to_grows_and_shrinks_between_bounds() -> None:

@@ -158,7 +158,10 @@ class Conversation:
         limits: Limits,
         stdin: str = "",
         fn: dict[str, Any] | None = None,
+        last: bool = False,
     ) -> bytes:
+        """A job's frames. ``last``: the job ends its request (no fetch follows), so the
+        worker answers it at once and lets the program's files go after the answer."""
         spec = language_spec(req.language, self.config)
         job = spec.run_job(req.code, req.files, limits.memory_mb)
         job["stdin"] = stdin
@@ -169,6 +172,8 @@ class Conversation:
             "limits": limits.wire(),
             "binary": spec.compiled,
         }
+        if last:
+            meta["last"] = True
         return self.frames(meta, self.payload(req, limits, **job))
 
     def test_frames(self, req: RunTestsRequest, limits: Limits, test: Any) -> bytes:

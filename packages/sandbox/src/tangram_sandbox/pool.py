@@ -339,13 +339,22 @@ class SandboxPool:
         async with self._worker() as worker:
             wait = time.monotonic() - submitted
             try:
-                # One write for the whole conversation: no round trip between its steps.
-                job = self._talk.job_frames(req, limits, stdin=req.stdin)
-                fetch = {"op": "fetch", "names": req.fetch_files, "limit": self._talk.fetch_limit}
-                await worker.send(self._talk.compile_frames(req) + job + wire.encode_json(fetch))
+                # One write for the whole conversation: no round trip between its steps. With
+                # no files to fetch, the job ends the request: one frame fewer each way.
+                last = not req.fetch_files
+                frames = self._talk.compile_frames(req)
+                frames += self._talk.job_frames(req, limits, stdin=req.stdin, last=last)
+                if not last:
+                    fetch = {
+                        "op": "fetch",
+                        "names": req.fetch_files,
+                        "limit": self._talk.fetch_limit,
+                    }
+                    frames += wire.encode_json(fetch)
+                await worker.send(frames)
                 step = await self._talk.compile_step(worker, req)
                 raw = await self._talk.read_job(worker, limits)
-                files = await self._talk.read_fetch(worker)
+                files = {} if last else await self._talk.read_fetch(worker)
             except WorkerDied as exc:
                 return RunResult(status=RunStatus.SANDBOX_ERROR, error=str(exc), queue_wait_s=wait)
             if step is not None and not step.compiled:

@@ -145,19 +145,20 @@ def _safe_parts(name: str) -> list[str]:
 
 def _write_inputs(job: dict[str, Any]) -> None:
     """The job's files and its source, written by P itself (as the slot uid)."""
-    files = dict(job.get("files") or {})
-    for name, b64 in files.items():
+    for name, b64 in (job.get("files") or {}).items():
         parts = _safe_parts(name)
         if len(parts) > 1:
-            os.makedirs(os.path.join(*parts[:-1]), exist_ok=True)
-        _write_file(os.path.join(*parts), base64.b64decode(b64))
+            os.makedirs("/".join(parts[:-1]), exist_ok=True)
+        _write_file("/".join(parts), base64.b64decode(b64))
     source = job.get("source") or _SOURCE[job["language"]]
-    _write_file(os.path.join(*_safe_parts(source)), job["code"].encode())
-    stdin = os.memfd_create("stdin", 0)
-    wire.write_all(stdin, job.get("stdin", "").encode())
-    os.lseek(stdin, 0, os.SEEK_SET)
-    os.dup2(stdin, 0)
-    os.close(stdin)
+    _write_file("/".join(_safe_parts(source)), job["code"].encode())
+    data = job.get("stdin")
+    if data:  # else fd 0 stays the zygote's /dev/null: the same end of file, for less work
+        stdin = os.memfd_create("stdin", 0)
+        wire.write_all(stdin, data.encode())
+        os.lseek(stdin, 0, os.SEEK_SET)
+        os.dup2(stdin, 0)
+        os.close(stdin)
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -195,6 +196,10 @@ def _make_stdio() -> tuple[Any, Any, Any]:
 
 #: ``sys.std*`` objects the zygote made for its programs and never used (see premake_stdio).
 _UNUSED_STDIO: list[tuple[Any, Any, Any]] = []
+#: The zygote's own ``sys.std*`` objects, kept alive: dropped by a program's process when it
+#: binds its own, they were freed there, and their finalisers (a flush, a close) wrote ~30
+#: pages that process then copied.
+_ZYGOTE_STDIO: list[Any] = []
 
 
 def premake_stdio() -> None:
@@ -205,6 +210,7 @@ def premake_stdio() -> None:
     takes (its copy of) these, untouched. A stream records at its creation whether its fd is
     seekable, and a program's fds 1 and 2 are pipes (its 0 a memfd, seekable like the
     zygote's /dev/null): so they are made over a pipe, and our own fds put back."""
+    _ZYGOTE_STDIO.extend((sys.stdin, sys.stdout, sys.stderr))
     r, w = os.pipe()
     saved = [os.dup(1), os.dup(2)]
     try:

@@ -199,26 +199,40 @@ def _preload() -> None:
             __import__(name)
 
 
-def _read_cgroup_counter(cfg: dict[str, Any], name: str) -> int:
-    """The memory controller's ``oom_kill`` count (v1 ``memory.oom_control``, v2
-    ``memory.events``): an increase during a job means the kernel killed it for memory."""
+def _open_oom_counter(cfg: dict[str, Any]) -> int | None:
+    """An fd on the memory controller's OOM counts (v1 ``memory.oom_control``, v2
+    ``memory.events``), opened once and re-read with ``pread`` at offset 0 after every job.
+
+    Why held open: opening, reading and parsing the file afresh each job cost the zygote ~16
+    copied pages a run. ``None`` where the slot has no memory controller."""
     dirs = cfg["cgroup_dirs"]
     if "memory" in dirs:
         path = os.path.join(dirs["memory"], "memory.oom_control")
     elif "unified" in dirs:
         path = os.path.join(dirs["unified"], "memory.events")
     else:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _oom_kills(fd: int | None) -> int:
+    """The slot's ``oom_kill`` count so far: an increase during a job means the kernel killed
+    one of its processes for memory. (In v1 the line follows ``oom_kill_disable``, in v2
+    ``oom``: either way, the one that starts a line with ``oom_kill ``.)"""
+    if fd is None:
         return 0
     try:
-        text = _read_small(path)
+        text = b"\n" + os.pread(fd, 4096, 0)
     except OSError:
         return 0
-    wanted = name.encode()
-    for line in text.splitlines():
-        key, _, value = line.partition(b" ")
-        if key == wanted:
-            return int(value)
-    return 0
+    at = text.find(b"\noom_kill ")
+    if at < 0:
+        return 0
+    end = text.find(b"\n", at + 1)
+    return int(text[at + 10 : end if end > 0 else len(text)])
 
 
 def _read_small(path: str) -> bytes:
@@ -388,7 +402,8 @@ class _Zygote:
         self.last_files: _Files | None = None  # the finished program's, until the fetch
         self.binary: str | None = None  # the request's compiled program (cache key)
         self.compile_failed = False
-        self.ooms = _read_cgroup_counter(cfg, "oom_kill")  # the slot's OOM kills so far
+        self.oom_fd = _open_oom_counter(cfg)
+        self.ooms = _oom_kills(self.oom_fd)  # the slot's OOM kills so far
         self.held = b""  # a job's end frame, held to go out with the fetch that follows
         # the exit notifier's listener (see _watch), and the (notification id, pid) of the P
         # it holds in exit_group until the request is answered
@@ -429,6 +444,8 @@ class _Zygote:
                 self._release_exited()
             if msg["op"] == "job":
                 self._job(msg)
+                if msg.get("last"):
+                    self._end_request()
             elif msg["op"] == "fetch":
                 self._fetch(msg.get("names") or [], int(msg.get("limit", 1 << 20)))
             else:
@@ -468,7 +485,6 @@ class _Zygote:
         if meta.get("binary") and self.binary:
             self._copy_binary_in(spare)
         _set_cgroup_limits(self.cfg, limits)
-        usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         try:
             wire.write_all(spare.go, _LEN.pack(size))
@@ -476,7 +492,7 @@ class _Zygote:
         except BrokenPipeError:  # P died setting up: drop the rest, its side channel says why
             pass
         os.close(spare.go)
-        end = self._watch(spare, limits, start, usage_before)
+        end = self._watch(spare, limits, start)
         if self.last_files is not None:
             self.last_files.close()
         self.last_files, spare.files = spare.files, None
@@ -486,16 +502,14 @@ class _Zygote:
             if ok:
                 self._copy_binary_out(compile_key)
             end["compiled"] = ok
-        if _available(self.fd):
+        if not meta.get("last") and _available(self.fd):
             # The request's next op is already here (the pool sends a job and its fetch in
             # one write): answer both in one write, so that the pool wakes once, not twice.
             self.held = wire.encode_json(end)
         else:
             self.send(end)
 
-    def _watch(
-        self, spare: _Spare, limits: dict[str, Any], start: float, usage_before: Any
-    ) -> dict[str, Any]:
+    def _watch(self, spare: _Spare, limits: dict[str, Any], start: float) -> dict[str, Any]:
         """Stream P's output to the pool within its caps until P and its pipes are done.
 
         ``poll(2)`` on a handful of descriptors, not ``selectors``: one syscall per wait and
@@ -578,7 +592,7 @@ class _Zygote:
                 if fd == pidfd:
                     _, status, usage = os.wait4(spare.pid, 0)
                     end = end if timed_out else time.monotonic()
-                    rss_kb = usage.ru_maxrss
+                    cpu, rss_kb = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
                     done_with(pidfd)
                     if listener is not None:  # ours, held for the next job
                         poller.unregister(listener)
@@ -619,12 +633,10 @@ class _Zygote:
                 if not forward(fd):
                     done_with(fd)
         if exit_code is None:
-            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu = usage.ru_utime - usage_before.ru_utime + usage.ru_stime - usage_before.ru_stime
             exit_code = os.waitstatus_to_exitcode(status) if status is not None else None
         # One read of the memory controller's OOM count per job, against the last one: only
         # this slot's processes are in its cgroup, and only a job runs code there.
-        ooms = _read_cgroup_counter(self.cfg, "oom_kill")
+        ooms = _oom_kills(self.oom_fd)
         oom_killed, self.ooms = ooms > self.ooms, ooms
         extra: dict[str, Any] = {}
         if not started:
@@ -734,11 +746,16 @@ class _Zygote:
         else:
             for name in names:
                 self.send({"type": "file", "name": name, "error": "no program ran"})
-        self.binary, self.compile_failed = None, False
         self.send({"type": "fetched"})
+        self._end_request()
+
+    def _end_request(self) -> None:
+        """After a request's last answer (its fetch's, or its ``last`` job's): forget its
+        compiled program, and let its filesystem go. Off the critical path: the last reference
+        to the program's mount namespace goes here, and its teardown waits for an (expedited)
+        RCU grace period."""
+        self.binary, self.compile_failed = None, False
         if self.last_files is not None:
-            # After the answer: the last reference to the program's mount namespace goes, and
-            # its teardown waits for an (expedited) RCU grace period.
             self.last_files.close()
             self.last_files = None
 
@@ -794,7 +811,7 @@ def _usage_of(pid: int) -> tuple[float, int]:
     rss_kb = 0
     with contextlib.suppress(OSError, ValueError, IndexError):
         # after the name, which the program may set to anything (so: the last ')')
-        fields = _read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        fields = _read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split(None, 15)
         cpu += (int(fields[13]) + int(fields[14])) / _CLK_TCK  # cutime, cstime
         status = _read_small(f"/proc/{pid}/status")
         start = status.find(b"\nVmHWM:")
