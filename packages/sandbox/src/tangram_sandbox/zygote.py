@@ -368,6 +368,7 @@ class _Spare:
             os.close(fd)
         self.out, self.err, self.side, self.go = out_r, err_r, side_r, go_w
         self.status = status_r  # P's trusted channel (see program.STATUS_FD)
+        self.said = b""  # what P has said there after "r"
         self.failure: str | None = None
         self.files: _Files | None = None
 
@@ -382,6 +383,25 @@ class _Spare:
                 return False
             self.files = _Files(self.pid)
         return True
+
+    def read_status(self) -> None:
+        """Take what P has said on its status pipe since "r", without blocking: ``g`` and
+        the program's start (CLOCK_MONOTONIC, ns), or ``E`` and why set-up failed.
+
+        Why read only when it matters (at P's end, or at the deadline) and not watched: each
+        message would wake the zygote while the program runs, twice a run (the byte, then
+        the close). P writes each message in one write of under ``PIPE_BUF`` bytes, so what
+        is there is whole."""
+        n = _available(self.status)
+        if n:
+            self.said += os.read(self.status, n)
+
+    @property
+    def started(self) -> float | None:
+        """When the program started (``time.monotonic()`` seconds), or ``None``: not yet."""
+        if self.said.startswith(b"g"):
+            return int(self.said[1:]) / 1e9
+        return None
 
     def close_pipes(self) -> None:
         for fd in (self.out, self.err, self.side, self.go, self.status):
@@ -528,16 +548,16 @@ class _Zygote:
         truncated = {wire.STDOUT: False, wire.STDERR: False, wire.SIDE: False}
         kinds = {spare.out: wire.STDOUT, spare.err: wire.STDERR, spare.side: wire.SIDE}
         pidfd = os.pidfd_open(spare.pid)
-        watched = {*kinds, pidfd, spare.status}
+        watched = {*kinds, pidfd}
         poller = select.poll()
         for fd in watched:
             poller.register(fd, select.POLLIN)
-        started, setup_error = False, ""
-        # The wall limit is the program's: its clock starts when P says the program starts.
-        # Until then P runs our set-up (well under a millisecond), bounded on its own: a set-up
-        # that hangs is the sandbox's failure, never the program's timeout.
+        # The wall limit is the program's: its clock starts when P says the program starts
+        # (see _Spare.read_status). Until then P runs our set-up (well under a millisecond),
+        # bounded on its own: a set-up that hangs is the sandbox's failure, never the
+        # program's timeout. The first deadline is the earliest the program's can be.
         wall = float(limits["wall_s"])
-        deadline = start + _SETUP_S + wall
+        deadline = start + wall
         timed_out = False
         status: int | None = None  # P's wait status, once reaped
         exit_code: int | None = None  # P's exit_group status, from the listener
@@ -581,12 +601,20 @@ class _Zygote:
             wait_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000) if waiting else None
             events = poller.poll(wait_ms)
             if not events and waiting:
-                if time.monotonic() >= deadline:
-                    timed_out, end = True, time.monotonic()
+                now = time.monotonic()
+                if now < deadline:
+                    continue
+                spare.read_status()
+                go = spare.started
+                if go is not None:
+                    deadline = go + wall
+                elif now < start + _SETUP_S + wall and not spare.said:
+                    deadline = min(now + _SETUP_POLL_S, start + _SETUP_S + wall)
+                if now >= deadline:
+                    timed_out, end = True, now
                     _kill(spare.pid)
                 continue
-            # P's status first: a program that starts and ends within one wait is seen started
-            for fd, _ in sorted(events, key=lambda e: e[0] != spare.status):
+            for fd, _ in events:
                 if fd not in watched:
                     continue  # let go of earlier in this round
                 if fd == pidfd:
@@ -599,23 +627,14 @@ class _Zygote:
                         watched.discard(listener)
                     _kill(spare.pid)
                     continue
-                if fd == spare.status:  # ours, not the program's: closed before its code runs
-                    chunk = os.read(fd, 4096)
-                    if chunk:
-                        if not started and chunk.startswith(b"g"):
-                            started, start = True, time.monotonic()
-                            deadline = start + wall
-                        if chunk.startswith(b"E"):
-                            setup_error = chunk[1:].decode(errors="replace")
-                        continue
-                    done_with(fd)
-                    continue
                 if fd == listener:
                     try:
                         notice = _sys.notice_recv(fd)
                     except OSError:
                         continue  # its caller died first: P's pidfd tells
-                    if notice.pid != spare.pid or not started or timed_out:
+                    if notice.pid == spare.pid:
+                        spare.read_status()
+                    if notice.pid != spare.pid or spare.started is None or timed_out:
                         _sys.notice_continue(fd, notice.id)  # a child's or a thread's exit
                         continue
                     exit_code, end = notice.arg0 & 0xFF, time.monotonic()
@@ -623,9 +642,8 @@ class _Zygote:
                     for stream in [f for f in kinds if f in watched]:
                         forward(stream)  # all that P wrote; what its children add is lost
                         done_with(stream)
-                    for other in (pidfd, spare.status):
-                        if other in watched:
-                            done_with(other)
+                    if pidfd in watched:
+                        done_with(pidfd)
                     poller.unregister(fd)
                     watched.discard(fd)
                     self.exiting = (notice.id, spare.pid)
@@ -634,13 +652,17 @@ class _Zygote:
                     done_with(fd)
         if exit_code is None:
             exit_code = os.waitstatus_to_exitcode(status) if status is not None else None
+        spare.read_status()  # P is gone or in its exit_group: nothing more will come
+        os.close(spare.status)
+        go = spare.started
         # One read of the memory controller's OOM count per job, against the last one: only
         # this slot's processes are in its cgroup, and only a job runs code there.
         ooms = _oom_kills(self.oom_fd)
         oom_killed, self.ooms = ooms > self.ooms, ooms
         extra: dict[str, Any] = {}
-        if not started:
-            why = setup_error or f"it died before the program started ({status=})"
+        if go is None:
+            said = spare.said[1:] if spare.said.startswith(b"E") else b""
+            why = said.decode(errors="replace") or f"it died before the program started ({status=})"
             extra["sandbox_error"] = f"program set-up failed: {why}"
         elif (
             status is not None
@@ -664,7 +686,7 @@ class _Zygote:
             "oom_killed": oom_killed,
             "stdout_truncated": truncated[wire.STDOUT],
             "stderr_truncated": truncated[wire.STDERR],
-            "wall_s": end - start,
+            "wall_s": end - (start if go is None else go),
             "cpu_s": cpu,
             "max_rss_mb": rss_kb / 1024.0,
         }
@@ -822,6 +844,8 @@ def _usage_of(pid: int) -> tuple[float, int]:
 
 #: The most P's own set-up (inputs, limits) may take before the program starts.
 _SETUP_S = 10.0
+#: How often a deadline that came before the program started is looked at again.
+_SETUP_POLL_S = 0.01
 
 
 def _kill(pid: int) -> None:
