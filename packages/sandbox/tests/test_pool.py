@@ -204,6 +204,32 @@ def test_a_job_marked_last_ends_its_request_without_a_fetch() -> None:
     assert base64.b64decode(fetched.files["o"]) == b"x"
 
 
+def test_output_that_fills_its_pipes_before_they_are_watched_arrives_whole() -> None:
+    """A worker watches a program's streams only a few milliseconds into its run (a short
+    program's output is taken with its exit). One that fills both pipes at once, many times
+    over, must still run to its end with every byte of both streams, in order."""
+    code = (
+        "import sys\n"
+        "for i in range(64):\n"
+        "    sys.stdout.write(f'{i:04d}' + 'o' * 8187 + '\\n')\n"
+        "    sys.stderr.write(f'{i:04d}' + 'e' * 8187 + '\\n')\n"
+        "sys.stdout.flush()\n"
+        "print('done')\n"
+    )
+
+    async def body(pool: SandboxPool) -> Any:
+        return await pool.run(code=code)
+
+    res = with_pool(body, max_workers=1)
+    assert res.status is RunStatus.OK, res
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "done"
+    assert lines[:-1] == [f"{i:04d}" + "o" * 8187 for i in range(64)]
+    assert res.stderr.splitlines() == [f"{i:04d}" + "e" * 8187 for i in range(64)]
+    assert not res.stdout_truncated
+    assert not res.stderr_truncated
+
+
 def test_scale_to_grows_and_shrinks_between_bounds() -> None:
     async def body(pool: SandboxPool) -> list[int]:
         sizes = [pool.size]

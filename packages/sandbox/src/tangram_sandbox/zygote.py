@@ -550,8 +550,7 @@ class _Zygote:
         pidfd = os.pidfd_open(spare.pid)
         watched = {*kinds, pidfd}
         poller = select.poll()
-        for fd in watched:
-            poller.register(fd, select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
         # The wall limit is the program's: its clock starts when P says the program starts
         # (see _Spare.read_status). Until then P runs our set-up (well under a millisecond),
         # bounded on its own: a set-up that hangs is the sandbox's failure, never the
@@ -565,12 +564,28 @@ class _Zygote:
         if listener is not None:
             watched.add(listener)
             poller.register(listener, select.POLLIN)
+        # P's streams are not watched for the first _QUIET_S of the job: most programs are
+        # done by then, and their output is taken at their exit, with the end, in one write
+        # (watched from the start, each program's first write woke the zygote, and the pool
+        # for a frame of its own). A program that fills a pipe (64 KiB) sooner waits out the
+        # rest of the window once. Without the exit notifier, P's end comes from its pidfd
+        # once it is gone, and its streams are watched from the start.
+        quiet_until = start + _QUIET_S if listener is not None else start
+        streams_polled = False
         cpu = 0.0
         rss_kb = 0
         end = start
 
+        def poll_streams() -> None:
+            nonlocal streams_polled
+            streams_polled = True
+            for fd in kinds:
+                if fd in watched:
+                    poller.register(fd, select.POLLIN)
+
         def done_with(fd: int) -> None:
-            poller.unregister(fd)
+            if streams_polled or fd not in kinds:
+                poller.unregister(fd)
             watched.discard(fd)
             os.close(fd)
 
@@ -598,7 +613,11 @@ class _Zygote:
 
         while watched:
             waiting = status is None and exit_code is None and not timed_out
-            wait_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000) if waiting else None
+            now = time.monotonic()
+            if not streams_polled and (not waiting or now >= quiet_until):
+                poll_streams()
+            until = deadline if streams_polled else min(deadline, quiet_until)
+            wait_ms = math.ceil(max(0.0, until - now) * 1000) if waiting else None
             events = poller.poll(wait_ms)
             if not events and waiting:
                 now = time.monotonic()
@@ -846,6 +865,8 @@ def _usage_of(pid: int) -> tuple[float, int]:
 _SETUP_S = 10.0
 #: How often a deadline that came before the program started is looked at again.
 _SETUP_POLL_S = 0.01
+#: How long into a job its program's streams are left unwatched (see _Zygote._watch).
+_QUIET_S = 0.005
 
 
 def _kill(pid: int) -> None:
