@@ -235,16 +235,6 @@ def _oom_kills(fd: int | None) -> int:
     return int(text[at + 10 : end if end > 0 else len(text)])
 
 
-def _read_small(path: str) -> bytes:
-    """A small ``/proc`` or cgroup file, in one read and with no file object: each object the
-    zygote makes after a fork lands on a page it then copies."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 16384)
-    finally:
-        os.close(fd)
-
-
 def _set_cgroup_limits(cfg: dict[str, Any], limits: dict[str, Any]) -> None:
     dirs = cfg["cgroup_dirs"]
     # The slot's cgroup also holds the zygote and S: headroom for them over the program's own.
@@ -371,10 +361,14 @@ class _Spare:
         self.said = b""  # what P has said there after "r"
         self.failure: str | None = None
         self.files: _Files | None = None
+        self.proc: tuple[int, int] | None = None  # P's /proc stat and status, held open
 
     def wait_ready(self) -> bool:
         """Block until P has its mounts; then take hold of its working directory (see
-        :class:`_Files`) while only our code has run there."""
+        :class:`_Files`) while only our code has run there, and of the ``/proc`` files its
+        usage is read from at its end (opened now, off the request's critical path)."""
+        if self.failure is not None:
+            return False
         if self.files is None:
             first = os.read(self.status, 1)
             if first != b"r":
@@ -382,6 +376,9 @@ class _Spare:
                 self.failure = rest.decode(errors="replace") or "it died while starting"
                 return False
             self.files = _Files(self.pid)
+            flags = os.O_RDONLY | os.O_CLOEXEC
+            stat = os.open(f"/proc/{self.pid}/stat", flags)
+            self.proc = (stat, os.open(f"/proc/{self.pid}/status", flags))
         return True
 
     def read_status(self) -> None:
@@ -404,7 +401,7 @@ class _Spare:
         return None
 
     def close_pipes(self) -> None:
-        for fd in (self.out, self.err, self.side, self.go, self.status):
+        for fd in (self.out, self.err, self.side, self.go, self.status, *(self.proc or ())):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -452,6 +449,9 @@ class _Zygote:
                 self._release_exited()
                 if self.spare is None:
                     self.spare = _Spare(self)
+                # And its mounts, before the next request comes (a failure to start is
+                # reported to that request).
+                self.spare.wait_ready()
             head = wire.read_typed_header(self.fd)
             if head is None:
                 return
@@ -657,7 +657,7 @@ class _Zygote:
                         _sys.notice_continue(fd, notice.id)  # a child's or a thread's exit
                         continue
                     exit_code, end = notice.arg0 & 0xFF, time.monotonic()
-                    cpu, rss_kb = _usage_of(spare.pid)
+                    cpu, rss_kb = _usage_of(spare.pid, spare.proc)
                     for stream in [f for f in kinds if f in watched]:
                         forward(stream)  # all that P wrote; what its children add is lost
                         done_with(stream)
@@ -672,7 +672,8 @@ class _Zygote:
         if exit_code is None:
             exit_code = os.waitstatus_to_exitcode(status) if status is not None else None
         spare.read_status()  # P is gone or in its exit_group: nothing more will come
-        os.close(spare.status)
+        for fd in (spare.status, *(spare.proc or ())):
+            os.close(fd)
         go = spare.started
         # One read of the memory controller's OOM count per job, against the last one: only
         # this slot's processes are in its cgroup, and only a job runs code there.
@@ -843,18 +844,21 @@ def _sendfile_all(out_fd: int, in_fd: int, n: int) -> int:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _usage_of(pid: int) -> tuple[float, int]:
+def _usage_of(pid: int, proc: tuple[int, int] | None) -> tuple[float, int]:
     """CPU seconds (its own, and its reaped children's) and peak RSS in KiB of a process that
-    is still alive, as ``wait4`` would report them once it is gone."""
+    is still alive, as ``wait4`` would report them once it is gone; ``proc``: its ``/proc``
+    stat and status files, opened beforehand."""
     cpu = 0.0
     with contextlib.suppress(OSError):
         cpu = time.clock_gettime(((~pid) << 3) | 2)  # the process's CPUCLOCK_SCHED clock
     rss_kb = 0
+    if proc is None:
+        return cpu, rss_kb
     with contextlib.suppress(OSError, ValueError, IndexError):
         # after the name, which the program may set to anything (so: the last ')')
-        fields = _read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split(None, 15)
+        fields = os.pread(proc[0], 4096, 0).rsplit(b")", 1)[1].split(None, 15)
         cpu += (int(fields[13]) + int(fields[14])) / _CLK_TCK  # cutime, cstime
-        status = _read_small(f"/proc/{pid}/status")
+        status = os.pread(proc[1], 16384, 0)
         start = status.find(b"\nVmHWM:")
         if start >= 0:
             rss_kb = int(status[start + 7 : status.index(b"\n", start + 1)].split()[0])
