@@ -506,11 +506,16 @@ class _Zygote:
             self._copy_binary_in(spare)
         _set_cgroup_limits(self.cfg, limits)
         start = time.monotonic()
+        left = size
         try:
             wire.write_all(spare.go, _LEN.pack(size))
-            _splice_exact(self.fd, spare.go, size)
-        except BrokenPipeError:  # P died setting up: drop the rest, its side channel says why
-            pass
+            while left > 0:
+                moved = os.splice(self.fd, spare.go, min(left, 1 << 20))
+                if moved == 0:
+                    raise wire.FrameError(f"stream ended with {left} bytes of a job to move")
+                left -= moved
+        except BrokenPipeError:  # P died setting up: drop the rest (its status pipe says why)
+            _discard(self.fd, left)
         os.close(spare.go)
         end = self._watch(spare, limits, start)
         if self.last_files is not None:
