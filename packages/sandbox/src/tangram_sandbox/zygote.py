@@ -310,6 +310,8 @@ class _Files:
     descriptor leaves its tmpfs. The mount namespace is held too, so that tearing it down
     happens when we let go, off the critical path."""
 
+    __slots__ = ("mnt", "work")
+
     def __init__(self, pid: int) -> None:
         self.mnt = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -326,7 +328,23 @@ class _Files:
 
 
 class _Spare:
-    """A program process waiting for its job, and the zygote's ends of its pipes."""
+    """A program process waiting for its job, and the zygote's ends of its pipes.
+
+    (Slots, not a ``__dict__``: one object made per execution, after the fork, is a page
+    or two the zygote copies; a dict growing to these attributes was a few more.)"""
+
+    __slots__ = (
+        "err",
+        "failure",
+        "files",
+        "go",
+        "out",
+        "pid",
+        "proc",
+        "said",
+        "side",
+        "status",
+    )
 
     def __init__(self, z: _Zygote) -> None:
         out_r, out_w = os.pipe()
