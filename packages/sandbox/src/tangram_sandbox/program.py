@@ -35,10 +35,11 @@ __all__ = ["PROGRAM_ENV", "SETUP_FAILED", "STATUS_FD", "WORKDIR", "spare_main"]
 
 WORKDIR = "/tmp/work"
 SETUP_FAILED = 126
-#: P's trusted channel to the zygote: ``r`` (mounts ready), then ``g`` and the program's
-#: start in CLOCK_MONOTONIC nanoseconds (the program starts) or ``E`` and a message (set-up
-#: failed). Closed before any program code runs, so a program cannot claim an infrastructure
-#: failure (a trainer would drop, not score, such a sample), nor move its own start.
+#: P's trusted channel to the zygote: ``r`` (mounts ready), then ``g``, the program's start in
+#: CLOCK_MONOTONIC nanoseconds and a newline (the program starts), or ``E`` and a message
+#: (set-up failed). Closed before any program code runs, so a program cannot claim an
+#: infrastructure failure (a trainer would drop, not score, such a sample), nor move its own
+#: start.
 STATUS_FD = 5
 PROGRAM_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -342,7 +343,7 @@ def spare_main(cfg: dict[str, Any], fds: dict[str, int]) -> None:
             os.environ.update(job["env"])
         _apply_limits(job["limits"], job.get("address_space_mb"))
         # "g" and the program's start: the zygote's clock for the wall limit starts here
-        os.write(STATUS_FD, b"g%d" % time.monotonic_ns())
+        os.write(STATUS_FD, b"g%d\n" % time.monotonic_ns())
         os.close(STATUS_FD)
     except BaseException as exc:
         _setup_failed(exc)

@@ -393,10 +393,18 @@ class _Spare:
                 rest = os.read(self.status, 4096) if first else b""
                 self.failure = rest.decode(errors="replace") or "it died while starting"
                 return False
-            self.files = _Files(self.pid)
-            flags = os.O_RDONLY | os.O_CLOEXEC
-            stat = os.open(f"/proc/{self.pid}/stat", flags)
-            self.proc = (stat, os.open(f"/proc/{self.pid}/status", flags))
+            opened: list[int] = []
+            try:
+                files = _Files(self.pid)
+                opened += (files.mnt, files.work)
+                for name in ("stat", "status"):
+                    opened.append(os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:  # it died since (killed from outside, say)
+                for fd in opened:
+                    os.close(fd)
+                self.failure = f"it died while starting: {exc}"
+                return False
+            self.files, self.proc = files, (opened[2], opened[3])
         return True
 
     def read_status(self) -> None:
@@ -415,7 +423,7 @@ class _Spare:
     def started(self) -> float | None:
         """When the program started (``time.monotonic()`` seconds), or ``None``: not yet."""
         if self.said.startswith(b"g"):
-            return int(self.said[1:]) / 1e9
+            return int(self.said[1:].split(b"\n", 1)[0]) / 1e9
         return None
 
     def close_pipes(self) -> None:
