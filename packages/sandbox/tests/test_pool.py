@@ -7,10 +7,10 @@ import base64
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from host_processes import live_children
 
 from tangram_sandbox import wire
 from tangram_sandbox.models import RunRequest, RunStatus
@@ -233,20 +233,6 @@ def test_output_that_fills_its_pipes_before_they_are_watched_arrives_whole() -> 
     assert not res.stderr_truncated
 
 
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) child processes of ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid and stat[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 def test_a_spare_killed_before_its_job_fails_that_run_alone() -> None:
     """Killed from outside while it waits for its job, a worker's spare program process
     fails the one run it was meant for, with a sandbox error; the worker drops the rest of
@@ -257,12 +243,12 @@ def test_a_spare_killed_before_its_job_fails_that_run_alone() -> None:
         (worker,) = pool._workers
         for _ in range(100):  # the next spare forks (and mounts) after the answer
             await asyncio.sleep(0.02)
-            spares = _children(worker.pid)
+            spares = live_children(worker.pid)
             if len(spares) == 1:
                 break
         await asyncio.sleep(0.1)
         os.kill(spares[0], signal.SIGKILL)
-        while spares[0] in _children(worker.pid):  # dead, with its end of the job pipe
+        while spares[0] in live_children(worker.pid):  # dead, with its end of the job pipe
             await asyncio.sleep(0.01)
         failed = await pool.run(code="print('x' * 100000)")
         after = await pool.run(code="print(2)")

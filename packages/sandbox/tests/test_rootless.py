@@ -41,10 +41,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any, NamedTuple, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 import pytest
+from host_processes import Proc, processes
 
 from tangram_sandbox.config import PoolConfig
 from tangram_sandbox.models import RunResult, RunStatus
@@ -96,35 +97,6 @@ SANITY = "print(6 * 7)"
 
 
 # --- the host's view ------------------------------------------------------------------------------
-
-
-class Proc(NamedTuple):
-    pid: int
-    ppid: int
-    uid: int
-    state: str
-    name: str
-
-
-def processes() -> dict[int, Proc]:
-    """Every process on the host, from ``/proc/*/status``."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields: dict[str, list[str]] = {}
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    fields[key] = value.split()
-        except OSError:  # it exited while we looked
-            continue
-        name = fields["Name"][0] if fields.get("Name") else ""
-        found[int(entry)] = Proc(
-            int(entry), int(fields["PPid"][0]), int(fields["Uid"][0]), fields["State"][0], name
-        )
-    return found
 
 
 def live(uid: int) -> list[Proc]:

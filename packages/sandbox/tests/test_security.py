@@ -25,9 +25,10 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from host_processes import Proc, processes
 from pydantic import ValidationError
 
 from tangram_sandbox import capabilities
@@ -75,45 +76,11 @@ SANITY = "print(6 * 7)"
 # --- the host's view of processes ---------------------------------------------------------------
 
 
-class Proc(NamedTuple):
-    pid: int
-    ppid: int
-    uid: int  # real uid as the host sees it (the sandbox's user namespace shows 65534)
-    state: str  # R, S, D, Z, ...
-    name: str
-
-
-def processes() -> list[Proc]:
-    """Every process on the host, from ``/proc/*/status``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields: dict[str, list[str]] = {}
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    fields[key] = value.split()
-        except OSError:  # it exited while we looked
-            continue
-        found.append(
-            Proc(
-                pid=int(entry),
-                ppid=int(fields["PPid"][0]),
-                uid=int(fields["Uid"][0]),
-                state=fields["State"][0],
-                name=fields["Name"][0] if fields.get("Name") else "",
-            )
-        )
-    return found
-
-
 def in_range(pool: SandboxPool) -> list[Proc]:
     """Live (non-zombie) processes whose real uid is in ``pool``'s slot range. Zombies are left
     out: they run nothing, hold no memory, and reaping orphans is the host init's job."""
     lo, count = pool.config.uid_base, pool.config.uid_count
-    return [p for p in processes() if lo <= p.uid < lo + count and p.state != "Z"]
+    return [p for p in processes().values() if lo <= p.uid < lo + count and p.state != "Z"]
 
 
 def named(pool: SandboxPool, name: str) -> list[Proc]:
@@ -153,7 +120,7 @@ def leftovers(pool: SandboxPool) -> list[str]:
     A spare is the one process a worker may keep forked ahead of its next request, with the
     worker's slot uid: a child of its live zygote, or of a root supervisor that the zygote
     forked. A daemon that escaped would instead hang off the program (or the host's init)."""
-    procs = {p.pid: p for p in processes()}
+    procs = processes()
     zygote_uid = {w.pid: w.slot.uid for w in pool._workers}
     spares: dict[int, list[int]] = {}
     problems = []

@@ -263,10 +263,21 @@ def _set_cgroup_limits(cfg: dict[str, Any], limits: dict[str, Any]) -> None:
 # --- moving bytes without holding them ------------------------------------------------------------
 
 
+class _Unmoved(BrokenPipeError):
+    """``dst`` lost its reader with ``left`` bytes still to move (still in ``src``)."""
+
+    def __init__(self, left: int) -> None:
+        super().__init__(f"reader gone with {left} bytes still to move")
+        self.left = left
+
+
 def _splice_exact(src: int, dst: int, n: int) -> None:
     """Move exactly ``n`` bytes from ``src`` to ``dst`` in the kernel (one end is a pipe)."""
     while n > 0:
-        moved = os.splice(src, dst, min(n, 1 << 20))
+        try:
+            moved = os.splice(src, dst, min(n, 1 << 20))
+        except BrokenPipeError:
+            raise _Unmoved(n) from None
         if moved == 0:
             raise wire.FrameError(f"stream ended with {n} bytes still to move")
         n -= moved
@@ -532,16 +543,11 @@ class _Zygote:
             self._copy_binary_in(spare)
         _set_cgroup_limits(self.cfg, limits)
         start = time.monotonic()
-        left = size
         try:
             wire.write_all(spare.go, _LEN.pack(size))
-            while left > 0:
-                moved = os.splice(self.fd, spare.go, min(left, 1 << 20))
-                if moved == 0:
-                    raise wire.FrameError(f"stream ended with {left} bytes of a job to move")
-                left -= moved
-        except BrokenPipeError:  # P died setting up: drop the rest (its status pipe says why)
-            _discard(self.fd, left)
+            _splice_exact(self.fd, spare.go, size)
+        except BrokenPipeError as exc:  # P died setting up: drop the rest of the job
+            _discard(self.fd, exc.left if isinstance(exc, _Unmoved) else size)
         os.close(spare.go)
         end = self._watch(spare, limits, start)
         if self.last_files is not None:
@@ -578,6 +584,8 @@ class _Zygote:
         room = {wire.STDOUT: cap, wire.STDERR: cap, wire.SIDE: wire.MAX_FRAME // 4}
         truncated = {wire.STDOUT: False, wire.STDERR: False, wire.SIDE: False}
         kinds = {spare.out: wire.STDOUT, spare.err: wire.STDERR, spare.side: wire.SIDE}
+        proc = spare.proc
+        assert proc is not None  # every spare watched has passed wait_ready
         pidfd = os.pidfd_open(spare.pid)
         watched = {*kinds, pidfd}
         poller = select.poll()
@@ -688,7 +696,7 @@ class _Zygote:
                         _sys.notice_continue(fd, notice.id)  # a child's or a thread's exit
                         continue
                     exit_code, end = notice.arg0 & 0xFF, time.monotonic()
-                    cpu, rss_kb = _usage_of(spare.pid, spare.proc)
+                    cpu, rss_kb = _usage_of(spare.pid, proc)
                     for stream in [f for f in kinds if f in watched]:
                         forward(stream)  # all that P wrote; what its children add is lost
                         done_with(stream)
@@ -703,7 +711,7 @@ class _Zygote:
         if exit_code is None:
             exit_code = os.waitstatus_to_exitcode(status) if status is not None else None
         spare.read_status()  # P is gone or in its exit_group: nothing more will come
-        for fd in (spare.status, *(spare.proc or ())):
+        for fd in (spare.status, *proc):
             os.close(fd)
         go = spare.started
         # One read of the memory controller's OOM count per job, against the last one: only
@@ -875,7 +883,7 @@ def _sendfile_all(out_fd: int, in_fd: int, n: int) -> int:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _usage_of(pid: int, proc: tuple[int, int] | None) -> tuple[float, int]:
+def _usage_of(pid: int, proc: tuple[int, int]) -> tuple[float, int]:
     """CPU seconds (its own, and its reaped children's) and peak RSS in KiB of a process that
     is still alive, as ``wait4`` would report them once it is gone; ``proc``: its ``/proc``
     stat and status files, opened beforehand."""
@@ -883,8 +891,6 @@ def _usage_of(pid: int, proc: tuple[int, int] | None) -> tuple[float, int]:
     with contextlib.suppress(OSError):
         cpu = time.clock_gettime(((~pid) << 3) | 2)  # the process's CPUCLOCK_SCHED clock
     rss_kb = 0
-    if proc is None:
-        return cpu, rss_kb
     with contextlib.suppress(OSError, ValueError, IndexError):
         # after the name, which the program may set to anything (so: the last ')')
         fields = os.pread(proc[0], 4096, 0).rsplit(b")", 1)[1].split(None, 15)
